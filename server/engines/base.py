@@ -1,0 +1,148 @@
+"""The narrow interface every inference engine implements.
+
+Engines know token ids, sampling options and streaming; they know nothing of
+HTTP, attributes or prompt formats (the serving layer renders and tokenizes).
+Pick one by name from :data:`steerserve.server.engines.ENGINES`::
+
+    engine = ENGINES["transformers"](EngineConfig(model="/ckpt", precision=Precision.BF16))
+    await engine.start()
+    async for delta in engine.generate(EngineRequest("r1", ids, SamplingOptions(max_tokens=16))):
+        ...
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import AsyncIterator, Callable
+from typing import Any, ClassVar
+
+from steerserve.precision import Precision
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """How to load one variant into an engine."""
+
+    model: str
+    """Local checkpoint directory (config.json + weights + tokenizer)."""
+    precision: Precision = Precision.BF16
+    max_model_len: int = 2048
+    """Prompt + generated tokens per sequence; longer prompts are rejected before the engine."""
+    max_num_seqs: int = 16
+    """Most sequences decoded together in one step (the batch)."""
+    kv_cache_gib: float = 1.0
+    """KV-cache space for engines that preallocate it (vLLM's VLLM_CPU_KVCACHE_SPACE)."""
+    enforce_eager: bool = True
+    """vLLM: skip graph compilation (starts in ~25 s instead of ~130 s on CPU)."""
+    seed: int = 0
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Engine-specific arguments passed through unchanged (e.g. vLLM engine args)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingOptions:
+    """OpenAI sampling fields, already validated."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    n: int = 1
+    ignore_eos: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    options: SamplingOptions
+
+
+@dataclasses.dataclass
+class GenerationDelta:
+    """New output of one choice since its previous delta."""
+
+    index: int
+    """Which of the ``n`` choices this belongs to."""
+    text: str
+    """Newly decoded text (stop strings already removed)."""
+    token_count: int
+    """Tokens generated in this delta."""
+    finish_reason: str | None = None
+    """None while running; then "stop", "length" or "abort"."""
+    queued_s: float | None = None
+    """On a choice's first delta: seconds from arrival until the engine scheduled it, if known."""
+
+
+class EngineError(Exception):
+    """Base of the typed errors engines raise; server.errors maps them to HTTP."""
+
+
+class ContextLengthExceeded(EngineError):
+    def __init__(self, prompt_tokens: int, max_tokens: int, limit: int) -> None:
+        super().__init__(
+            f"this model's maximum context length is {limit} tokens; the request has "
+            f"{prompt_tokens} prompt tokens and asks for {max_tokens} more"
+        )
+        self.prompt_tokens, self.max_tokens, self.limit = prompt_tokens, max_tokens, limit
+
+
+class EngineNotReady(EngineError):
+    """The engine is still loading, or has shut down."""
+
+
+class EngineOverloaded(EngineError):
+    """The engine's queue is full; try again later."""
+
+
+class Engine(abc.ABC):
+    """One loaded model. Concurrent ``generate`` calls must be batched by the engine."""
+
+    name: ClassVar[str]
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.on_step: Callable[[int], None] | None = None
+        """Set by the metrics layer; engines call it with the batch size of every decode step."""
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Load weights; return once requests can be served."""
+
+    @abc.abstractmethod
+    async def shutdown(self) -> None:
+        """Abort what runs and free the weights (and any engine processes)."""
+
+    @abc.abstractmethod
+    def generate(self, request: EngineRequest) -> AsyncIterator[GenerationDelta]:
+        """Stream deltas until every choice has a finish_reason.
+
+        Closing the iterator early (client gone) must free the request's batch slot.
+        """
+
+    @abc.abstractmethod
+    async def next_token_logprobs(self, prompt_token_ids: list[int], candidates: list[int]) -> list[float]:
+        """Log-probabilities of ``candidates`` as the next token, from the full-vocabulary softmax.
+
+        MCQ scores choices with these, so they must be exact, not sampled.
+        """
+
+    @abc.abstractmethod
+    async def abort(self, request_id: str) -> None:
+        """Stop a running request; its stream ends with finish_reason "abort"."""
+
+    @abc.abstractmethod
+    def weight_bytes(self) -> int:
+        """Bytes of the weights resident in memory (not the file size)."""
+
+    @property
+    def running(self) -> int:
+        """Sequences being decoded now (gauge)."""
+        return 0
+
+    @property
+    def waiting(self) -> int:
+        """Requests accepted but not yet scheduled (gauge)."""
+        return 0
