@@ -22,3 +22,5 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_raw_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama without a chat template (steering method: steerlm)."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny-raw"), chat_template=False, seed=1)
+
+

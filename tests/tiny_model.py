@@ -19,7 +19,9 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", SYSTEM_TURN, TURN, ATTRIBUTE_TURN]
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# Plain added tokens, not special: detokenizers keep them, so the "<extra_id_1>" stop string is seen.
+STEERLM_TOKENS = [SYSTEM_TURN, TURN, ATTRIBUTE_TURN]
 
 _CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -64,6 +66,7 @@ def build_tiny_model(
         bos_token="<|endoftext|>",
         additional_special_tokens=SPECIAL_TOKENS[1:],
     )
+    tokenizer.add_tokens(STEERLM_TOKENS, special_tokens=False)
     for letter in MCQ_LETTERS:  # the MCQ scorer needs each " A" to be one token
         assert len(tokenizer.encode(f" {letter}", add_special_tokens=False)) == 1, letter
     if chat_template:

@@ -1,0 +1,87 @@
+"""Server configuration: ``STEERSERVE_*`` environment variables, a YAML file, CLI flags.
+
+    STEERSERVE_API_KEY=sk-local steerserve serve --model ./ckpt --engine transformers
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class VariantSpec(BaseSettings):
+    """One served variant: a checkpoint at one precision, on one engine."""
+
+    model_config = SettingsConfigDict(extra="forbid")
+
+    path: str
+    """Checkpoint directory, or ``default`` for the default model."""
+    name: str | None = None
+    """Model id prefix; defaults to the manifest's name or the directory name."""
+    precision: str | None = None
+    """Defaults to the manifest's precision or bf16."""
+    engine: str | None = None
+    """Defaults to the server's --engine (or the first engine able to serve the precision)."""
+    steering: str | None = None
+    """steerlm, chat-template or instructions; defaults to the manifest's, else by chat template."""
+    max_model_len: int | None = None
+    engine_args: dict[str, Any] = Field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, text: str) -> VariantSpec:
+        """``PATH[,key=value...]`` from the command line, e.g. ``./ckpt,name=steer,precision=bf16``."""
+        path, *pairs = text.split(",")
+        fields: dict[str, Any] = {"path": path}
+        for pair in pairs:
+            key, sep, value = pair.partition("=")
+            if not sep:
+                raise ValueError(f"--model option {pair!r} is not key=value")
+            fields[key.strip().replace("-", "_")] = value.strip()
+        return cls(**fields)
+
+
+class ServerSettings(BaseSettings):
+    """Everything ``steerserve serve`` can be told."""
+
+    model_config = SettingsConfigDict(env_prefix="STEERSERVE_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    """When set, every route but /health needs ``Authorization: Bearer <key>``."""
+    engine: str = "vllm"
+    """Default engine for variants that do not name one."""
+    models: list[VariantSpec] = Field(default_factory=list)
+    max_model_len: int = 2048
+    max_num_seqs: int = 16
+    kv_cache_gib: float = 2.0
+    enforce_eager: bool = True
+    default_max_tokens: int = 512
+    """max_tokens when a request gives none (capped by what the context leaves)."""
+    max_tokens_limit: int = 4096
+    """Largest max_tokens a request may ask for."""
+    cache_dir: Path = Path.home() / ".cache" / "steerserve"
+    """Where the default model's converted checkpoint lives."""
+    log_level: str = "info"
+
+    @field_validator("engine")
+    @classmethod
+    def _known_engine(cls, value: str) -> str:
+        from steerserve.server.engines import ENGINES
+
+        if value not in ENGINES:
+            raise ValueError(f"unknown engine {value!r}; known engines: {', '.join(sorted(ENGINES))}")
+        return value
+
+    @classmethod
+    def from_yaml(cls, path: Path, **overrides: Any) -> ServerSettings:
+        """Settings from a YAML file (``models: [{path: ..., precision: ...}]``), flags on top."""
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level")
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**data)

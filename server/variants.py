@@ -1,0 +1,161 @@
+"""Served variants: one model id per checkpoint x precision, each with its engine.
+
+A checkpoint directory may carry ``manifest.json`` (written by training and
+quantization) naming its ``name``, ``precision`` and ``steering`` method; flags
+and config override it. The id is ``name:precision``, e.g. ``steer-base:bf16``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from steerserve.precision import SERVING_ENGINES, Precision
+from steerserve.prompts import SteeringMethod, render_chat, stop_strings
+from steerserve.server.engines import load_engine_class
+from steerserve.server.engines.base import Engine, EngineConfig
+from steerserve.server.errors import APIError, model_not_found
+from steerserve.server.settings import ServerSettings, VariantSpec
+
+logger = logging.getLogger(__name__)
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The checkpoint's manifest.json, or {} when it has none."""
+    manifest = path / "manifest.json"
+    if not manifest.is_file():
+        return {}
+    data = json.loads(manifest.read_text())
+    return data if isinstance(data, dict) else {}
+
+
+@dataclass
+class Variant:
+    """A loaded (or loading) model id with everything requests need."""
+
+    id: str
+    path: Path
+    precision: Precision
+    engine_name: str
+    steering: SteeringMethod | None
+    """None until the tokenizer is loaded and the method decided."""
+    max_model_len: int
+    engine: Engine
+    tokenizer: Any = None
+    ready: bool = False
+    error: str | None = None
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    def apply_template(self, messages: list[dict[str, str]]) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def render(self, messages: list[dict[str, str]], attributes: dict[str, int] | None, prefix: str = "") -> str:
+        """The exact prompt a chat request becomes for this model."""
+        assert self.steering is not None
+        template = self.apply_template if self.tokenizer.chat_template else None
+        return render_chat(messages, attributes, self.steering, template, assistant_prefix=prefix)
+
+    def stops(self) -> list[str]:
+        return stop_strings(self.steering) if self.steering else []
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of a rendered prompt; no second BOS when the template wrote one."""
+        bos = self.tokenizer.bos_token
+        add_special = not (bos and text.startswith(bos))
+        return self.tokenizer(text, add_special_tokens=add_special)["input_ids"]
+
+
+def _default_steering(tokenizer: Any) -> SteeringMethod:
+    """A model with its own chat template gets plain-language instructions; others the SteerLM format."""
+    return SteeringMethod.INSTRUCTIONS if tokenizer.chat_template else SteeringMethod.STEERLM
+
+
+def _pick_engine(precision: Precision, requested: str | None, default: str) -> str:
+    able = SERVING_ENGINES[precision]
+    if requested:
+        if requested not in able:
+            raise ValueError(f"precision {precision.value} cannot be served by engine {requested!r} (only {able})")
+        return requested
+    return default if default in able else able[0]
+
+
+def build_variant(spec: VariantSpec, settings: ServerSettings, path: Path) -> Variant:
+    """Resolve names, precision, engine and steering for one spec (no weights loaded yet)."""
+    manifest = read_manifest(path)
+    precision = Precision(spec.precision or manifest.get("precision") or Precision.BF16.value)
+    engine_name = _pick_engine(precision, spec.engine, settings.engine)
+    name = spec.name or manifest.get("name") or path.name
+    steering = spec.steering or manifest.get("steering")
+    max_len = spec.max_model_len or settings.max_model_len
+    config = EngineConfig(
+        model=str(path),
+        precision=precision,
+        max_model_len=max_len,
+        max_num_seqs=settings.max_num_seqs,
+        kv_cache_gib=settings.kv_cache_gib,
+        enforce_eager=settings.enforce_eager,
+        extra=dict(spec.engine_args),
+    )
+    return Variant(
+        id=f"{name}:{precision.value}",
+        path=path,
+        precision=precision,
+        engine_name=engine_name,
+        steering=SteeringMethod(steering) if steering else None,
+        max_model_len=max_len,
+        engine=load_engine_class(engine_name)(config),
+        manifest=manifest,
+    )
+
+
+class VariantRegistry:
+    """All variants of one server; loads them in the background so /health can say 503 meanwhile."""
+
+    def __init__(self, settings: ServerSettings, variants: list[Variant]) -> None:
+        self.settings = settings
+        self.variants = {v.id: v for v in variants}
+        if len(self.variants) != len(variants):
+            raise ValueError("two --model entries resolve to the same model id; give one a name=")
+
+    @property
+    def ready(self) -> bool:
+        return all(v.ready for v in self.variants.values())
+
+    def get(self, model_id: str) -> Variant:
+        """The variant named by a request; 404 if unknown, 503 while it loads."""
+        variant = self.variants.get(model_id)
+        if variant is None:
+            raise model_not_found(model_id, list(self.variants))
+        if not variant.ready:
+            detail = f"failed to load: {variant.error}" if variant.error else "still loading"
+            raise APIError(503, f"model {model_id!r} is {detail}", param="model", code="model_not_ready")
+        return variant
+
+    async def load_all(self) -> None:
+        """Start every engine, one after another (two 2-core engine starts at once only slow both)."""
+        for variant in self.variants.values():
+            await self._load(variant)
+
+    async def _load(self, variant: Variant) -> None:
+        from transformers import AutoTokenizer
+
+        try:
+            variant.tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, str(variant.path))
+            variant.steering = variant.steering or _default_steering(variant.tokenizer)
+            if variant.steering is not SteeringMethod.STEERLM and not variant.tokenizer.chat_template:
+                raise ValueError(f"steering {variant.steering.value!r} needs a chat template; the tokenizer has none")
+            await variant.engine.start()
+            variant.ready = True
+            logger.info("variant %s ready (%s, %s)", variant.id, variant.engine_name, variant.steering.value)
+        except Exception as exc:  # a broken variant must not take the others down
+            variant.error = f"{type(exc).__name__}: {exc}"
+            logger.exception("variant %s failed to load", variant.id)
+
+    async def shutdown(self) -> None:
+        for variant in self.variants.values():
+            variant.ready = False
+            await variant.engine.shutdown()

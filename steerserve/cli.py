@@ -1,0 +1,93 @@
+"""The ``steerserve`` command: one dispatch dict of subcommands.
+
+    steerserve serve                                   # the default model, vLLM engine, 127.0.0.1:8000
+    steerserve serve --model ./ckpt,name=steer --engine transformers --port 9000
+    steerserve train dpo --config training/recipes/dpo-tiny.yaml --output runs/dpo
+
+Heavy imports happen inside the subcommand, so ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+
+def _serve_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="steerserve serve", description="Serve steerable models over an OpenAI-compatible API.")
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        metavar="PATH[,key=value...]",
+        help="a checkpoint directory (or 'default'), with optional name=, precision=, engine=, steering=, "
+        "max_model_len=; repeat to serve several variants. Default: the default model.",
+    )
+    parser.add_argument("--config", type=Path, help="YAML file with server settings and a models: list")
+    parser.add_argument("--engine", help="default engine: vllm (default) or transformers")
+    parser.add_argument("--host")
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--api-key", help="require this bearer key (or set STEERSERVE_API_KEY)")
+    parser.add_argument("--max-model-len", type=int)
+    parser.add_argument("--max-num-seqs", type=int, help="most sequences decoded together")
+    parser.add_argument("--kv-cache-gib", type=float, help="vLLM KV-cache size in GiB")
+    parser.add_argument("--default-max-tokens", type=int)
+    parser.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
+    return parser
+
+
+def serve(argv: list[str]) -> int:
+    """Parse flags over env/YAML settings and run uvicorn until interrupted."""
+    args = _serve_parser().parse_args(argv)
+    import uvicorn
+
+    from steerserve.server.app import create_app
+    from steerserve.server.settings import ServerSettings, VariantSpec
+
+    overrides = {
+        key: getattr(args, key)
+        for key in ("engine", "host", "port", "api_key", "max_model_len", "max_num_seqs", "kv_cache_gib",
+                    "default_max_tokens", "log_level")
+        if getattr(args, key) is not None
+    }
+    if args.model:
+        overrides["models"] = [VariantSpec.parse(text) for text in args.model]
+    settings = ServerSettings.from_yaml(args.config, **overrides) if args.config else ServerSettings(**overrides)
+    if not settings.models:
+        settings = settings.model_copy(update={"models": [VariantSpec(path="default")]})
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    return 0
+
+
+def train(argv: list[str]) -> int:
+    from steerserve.training.cli import main as train_main
+
+    return train_main(argv)
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "serve": serve,
+    "train": train,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        known = ", ".join(COMMANDS)
+        print(f"usage: steerserve {{{known}}} [options]\n\nsubcommands: {known}; 'steerserve CMD --help' for each.")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"steerserve {argv[0]}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""VLLMEngine on the tiny random Llama: one in-process vLLM engine for the whole module (~25 s start)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from steerserve.precision import Precision
+from steerserve.server.engines.base import (
+    ContextLengthExceeded,
+    EngineConfig,
+    EngineNotReady,
+    EngineRequest,
+    GenerationDelta,
+    SamplingOptions,
+)
+
+pytest.importorskip("vllm")
+from steerserve.server.engines.vllm_engine import VLLMEngine, checkpoint_weight_bytes  # noqa: E402
+
+pytestmark = [pytest.mark.vllm, pytest.mark.asyncio(loop_scope="module")]
+
+PROMPT = "Question: What is the capital of France? Answer:"
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def engine(tiny_model_dir: Path):
+    eng = VLLMEngine(
+        EngineConfig(model=str(tiny_model_dir), precision=Precision.BF16, max_model_len=512, kv_cache_gib=1)
+    )
+    eng.steps = []  # batch sizes reported through on_step
+    eng.on_step = eng.steps.append
+    await eng.start()
+    yield eng
+    await eng.shutdown()
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(tiny_model_dir: Path) -> list[int]:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir).encode(PROMPT, add_special_tokens=False)
+
+
+def request(ids: list[int], rid: str, **options) -> EngineRequest:
+    return EngineRequest(rid, ids, SamplingOptions(**options))
+
+
+async def collect(engine: VLLMEngine, req: EngineRequest) -> list[GenerationDelta]:
+    return [delta async for delta in engine.generate(req)]
+
+
+def text_of(deltas: list[GenerationDelta], index: int = 0) -> str:
+    return "".join(d.text for d in deltas if d.index == index)
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+async def test_not_ready_before_start(tiny_model_dir: Path) -> None:
+    idle = VLLMEngine(EngineConfig(model=str(tiny_model_dir)))
+    with pytest.raises(EngineNotReady):
+        await collect(idle, request([1, 2], "x", max_tokens=2))
+    with pytest.raises(EngineNotReady):
+        await idle.next_token_logprobs([1, 2], [3])
+    with pytest.raises(EngineNotReady):
+        idle.weight_bytes()
+    await idle.shutdown()  # a no-op before start
+
+
+async def test_checkpoint_weight_bytes_follows_dtype(tiny_model_dir: Path) -> None:
+    bf16 = checkpoint_weight_bytes(tiny_model_dir, "bfloat16")
+    assert bf16 > 0
+    assert checkpoint_weight_bytes(tiny_model_dir, "float32") == 2 * bf16
+
+
+async def test_engine_args_come_from_config(tiny_model_dir: Path) -> None:
+    config = EngineConfig(
+        model=str(tiny_model_dir), precision=Precision.FP16, max_num_seqs=3, kv_cache_gib=2, extra={"seed": 9}
+    )
+    kwargs = VLLMEngine(config).engine_kwargs()
+    assert kwargs["dtype"] == "float16" and kwargs["max_num_seqs"] == 3 and kwargs["seed"] == 9
+    assert kwargs["logprobs_mode"] == "raw_logprobs"
+    assert kwargs.get("kv_cache_memory_bytes", 2 << 30) == 2 << 30  # set on CPU only
+
+
+async def test_greedy_stream_ends_at_max_tokens(engine: VLLMEngine, prompt_ids: list[int]) -> None:
+    deltas = await collect(engine, request(prompt_ids, "greedy", max_tokens=12, temperature=0.0, ignore_eos=True))
+    assert text_of(deltas)
+    assert sum(d.token_count for d in deltas) == 12
+    assert [d.finish_reason for d in deltas] == [None] * (len(deltas) - 1) + ["length"]
+    assert deltas[0].queued_s is not None and 0 <= deltas[0].queued_s < 5
+    assert all(d.queued_s is None for d in deltas[1:])
+
+
+async def test_seed_makes_sampling_repeatable(engine: VLLMEngine, prompt_ids: list[int]) -> None:
+    def sampled(rid: str, seed: int) -> EngineRequest:
+        return request(prompt_ids, rid, max_tokens=16, temperature=1.0, seed=seed, ignore_eos=True)
+
+    first, again, other = [text_of(await collect(engine, sampled(f"seed{i}", s))) for i, s in enumerate((7, 7, 8))]
+    assert first == again
+    assert first != other  # near-uniform random model: 16 tokens cannot coincide by chance
+
+
+async def test_n_choices_stream_by_index(engine: VLLMEngine, prompt_ids: list[int]) -> None:
+    deltas = await collect(engine, request(prompt_ids, "n2", max_tokens=6, n=2, seed=3, ignore_eos=True))
+    assert {d.index for d in deltas} == {0, 1}
+    for index in (0, 1):
+        mine = [d for d in deltas if d.index == index]
+        assert mine[-1].finish_reason == "length" and sum(d.token_count for d in mine) == 6
+        assert mine[0].queued_s is not None
+
+
+async def test_greedy_n_choices_are_identical(engine: VLLMEngine, prompt_ids: list[int]) -> None:
+    # vLLM itself refuses n > 1 with temperature 0; the engine decodes once and copies.
+    deltas = await collect(engine, request(prompt_ids, "greedy-n", max_tokens=5, n=3, temperature=0.0))
+    assert {d.index for d in deltas} == {0, 1, 2}
+    assert text_of(deltas, 0) == text_of(deltas, 1) == text_of(deltas, 2) != ""
+
+
+async def test_stop_string_cuts_the_text(engine: VLLMEngine, prompt_ids: list[int]) -> None:
+    # Seeded sampling, not greedy: a random model's greedy text repeats one token.
+    sampled = dict(max_tokens=24, temperature=1.0, seed=11, ignore_eos=True)
+    full = text_of(await collect(engine, request(prompt_ids, "full", **sampled)))
+    stop = next(full[i : i + 2] for i in range(len(full) // 2, len(full) - 1) if full.find(full[i : i + 2]) > 0)
+    deltas = await collect(engine, request(prompt_ids, "stopped", stop=(stop,), **sampled))
+    assert text_of(deltas) == full[: full.find(stop)]
+    assert deltas[-1].finish_reason == "stop"
+
+
+async def test_concurrent_requests_are_batched(engine: VLLMEngine, prompt_ids: list[int]) -> None:
+    engine.steps.clear()
+    reqs = [request(prompt_ids + [i], f"batch{i}", max_tokens=16, ignore_eos=True, seed=i) for i in range(6)]
+    results = await asyncio.gather(*(collect(engine, r) for r in reqs))
+    for deltas in results:
+        assert sum(d.token_count for d in deltas) == 16 and deltas[-1].finish_reason == "length"
+    assert max(engine.steps) > 1
+    assert engine.running == 0
+
+
+async def only_one_runs_now(engine: VLLMEngine, prompt_ids: list[int]) -> None:
+    """A new request decodes alone: nothing left over from an earlier abort holds a batch slot."""
+    engine.steps.clear()
+    await collect(engine, request(prompt_ids, f"probe{time.monotonic()}", max_tokens=4, ignore_eos=True))
+    assert engine.steps and set(engine.steps) == {1}
+
+
+async def test_closing_the_stream_aborts_the_request(engine: VLLMEngine, prompt_ids: list[int]) -> None:
+    stream = engine.generate(request(prompt_ids, "closed", max_tokens=400, ignore_eos=True))
+    assert (await anext(stream)).token_count > 0
+    await stream.aclose()
+    await wait_until(lambda: engine.running == 0)
+    await only_one_runs_now(engine, prompt_ids)
+
+
+async def test_cancelling_the_consumer_aborts_the_request(engine: VLLMEngine, prompt_ids: list[int]) -> None:
+    started = asyncio.Event()
+
+    async def consume() -> None:
+        async for _ in engine.generate(request(prompt_ids, "cancelled", max_tokens=400, ignore_eos=True)):
+            started.set()
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(started.wait(), 15)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await wait_until(lambda: engine.running == 0)
+    await only_one_runs_now(engine, prompt_ids)
+
+
+async def test_abort_ends_the_stream_with_abort(engine: VLLMEngine, prompt_ids: list[int]) -> None:
+    stream = engine.generate(request(prompt_ids, "aborted", max_tokens=400, ignore_eos=True))
+    deltas = [await anext(stream)]
+    await engine.abort("aborted")
+    deltas += [d async for d in stream]
+    assert deltas[-1].finish_reason == "abort"
+    assert sum(d.token_count for d in deltas) < 400
+
+
+async def test_too_long_prompt_is_rejected(engine: VLLMEngine) -> None:
+    with pytest.raises(ContextLengthExceeded):
+        await collect(engine, request([5] * 512, "long", max_tokens=4))
+    with pytest.raises(ContextLengthExceeded):
+        await engine.next_token_logprobs([5] * 600, [6])
+    # The backstop for vLLM's own check (the length check above normally comes first).
+    from vllm.exceptions import VLLMValidationError
+
+    error = VLLMValidationError("This model's maximum context length is 512 tokens. However, ...")
+    assert isinstance(engine._map_validation_error(error, 600, 4), ContextLengthExceeded)
+
+
+async def test_next_token_logprobs_match_transformers(
+    engine: VLLMEngine, prompt_ids: list[int], tiny_model_dir: Path
+) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    candidates = [tokenizer.convert_tokens_to_ids(tokenizer.tokenize(f" {c}"))[0] for c in "ABCD"]
+    candidates += [candidates[0], 7]  # repeats and any other id are fine
+    got = await engine.next_token_logprobs(prompt_ids, candidates)
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_ids])).logits[0, -1].float()
+    want = torch.log_softmax(logits, dim=-1)[candidates].tolist()
+    assert got == pytest.approx(want, abs=0.05)
+    assert got[0] == got[4]
+
+
+async def test_weight_bytes_match_the_checkpoint(engine: VLLMEngine, tiny_model_dir: Path) -> None:
+    size = (tiny_model_dir / "model.safetensors").stat().st_size
+    assert 0.9 * size < engine.weight_bytes() <= size
+
+
+async def test_shutdown_is_idempotent_and_final(engine: VLLMEngine, prompt_ids: list[int]) -> None:
+    await engine.shutdown()
+    await engine.shutdown()
+    with pytest.raises(EngineNotReady):
+        await collect(engine, request(prompt_ids, "late", max_tokens=2))
+    with pytest.raises(EngineNotReady):
+        await engine.next_token_logprobs(prompt_ids, [3])

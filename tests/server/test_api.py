@@ -1,0 +1,243 @@
+"""The HTTP API end to end, on a real uvicorn server, for every engine.
+
+Two variants per server: ``tiny:bf16`` (own chat template -> instructions
+steering) and ``tiny-raw:bf16`` (no template -> SteerLM format). The official
+``openai`` SDK and raw httpx are the clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from live_server import serve_models
+
+from steerserve.attributes import format_attributes
+from steerserve.prompts import LEVEL_INSTRUCTIONS
+
+CHAT, RAW = "tiny:bf16", "tiny-raw:bf16"
+HELLO = [{"role": "user", "content": "Hello world! How are you today?"}]
+
+
+@pytest.fixture(
+    scope="module",
+    params=["transformers", pytest.param("vllm", marks=pytest.mark.vllm)],
+)
+def server(request: pytest.FixtureRequest, tiny_model_dir: Path, tiny_raw_model_dir: Path) -> Iterator:
+    with serve_models({"tiny": tiny_model_dir, "tiny-raw": tiny_raw_model_dir}, request.param) as live:
+        live.engine = request.param
+        yield live
+
+
+@pytest.fixture
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def post(server, path: str, body: object) -> httpx.Response:
+    return httpx.post(server.url + path, json=body, timeout=60)
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """Sum of a metric's samples whose labels include ``labels``."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            if all(f'{k}="{v}"' in line for k, v in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+# ---- happy paths -------------------------------------------------------------
+
+
+def test_models_lists_variants_with_engine_precision_and_steering(server, client) -> None:
+    cards = {m.id: m for m in client.models.list().data}
+    assert set(cards) == {CHAT, RAW}
+    chat = cards[CHAT].model_dump()
+    assert chat["engine"] == server.engine and chat["precision"] == "bf16" and chat["ready"] is True
+    assert chat["steering"] == "instructions" and cards[RAW].model_dump()["steering"] == "steerlm"
+    assert chat["weight_bytes"] > 100_000
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+
+
+def test_chat_non_streaming_echoes_applied_attributes(client) -> None:
+    response = client.chat.completions.create(
+        model=CHAT, messages=HELLO, max_tokens=8, temperature=0, extra_body={"attributes": {"verbosity": 1}}
+    )
+    extra = response.model_extra or {}
+    assert extra["attributes"]["verbosity"] == 1 and extra["attributes"]["quality"] == 4
+    assert extra["steering"] == "instructions"
+    assert response.choices[0].finish_reason in ("length", "stop")
+    assert response.usage.completion_tokens <= 8 and response.usage.prompt_tokens > 0
+    assert response.usage.total_tokens == response.usage.prompt_tokens + response.usage.completion_tokens
+
+
+def test_chat_streaming_equals_non_streaming_and_reports_usage(client) -> None:
+    args = dict(model=RAW, messages=HELLO, max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+    whole = client.chat.completions.create(**args).choices[0].message.content
+    chunks = list(client.chat.completions.create(**args, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+
+
+def test_raw_sse_ends_with_done(server) -> None:
+    body = {"model": CHAT, "messages": HELLO, "max_tokens": 4, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        frames = [line for line in response.iter_lines() if line]
+    assert all(f.startswith("data: ") for f in frames)
+    assert frames[-1] == "data: [DONE]"
+    assert json.loads(frames[0][6:])["object"] == "chat.completion.chunk"
+
+
+@pytest.mark.parametrize(("model", "marker"), [(CHAT, LEVEL_INSTRUCTIONS["verbosity"][1]), (RAW, "verbosity:1")])
+def test_render_shows_the_sliders_in_the_prompt_the_engine_gets(server, client, model: str, marker: str) -> None:
+    rendered = post(server, "/v1/render", {"model": model, "messages": HELLO, "attributes": {"verbosity": 1}}).json()
+    assert marker in rendered["prompt"]
+    assert rendered["num_tokens"] == len(rendered["prompt_token_ids"])
+    response = client.chat.completions.create(
+        model=model, messages=HELLO, max_tokens=2, extra_body={"attributes": {"verbosity": 1}}
+    )
+    assert response.usage.prompt_tokens == rendered["num_tokens"]
+    other = post(server, "/v1/render", {"model": model, "messages": HELLO, "attributes": {"verbosity": 3}}).json()
+    assert other["prompt"] != rendered["prompt"]
+
+
+def test_steerlm_variant_uses_the_nemo_format_and_stop(server) -> None:
+    rendered = post(server, "/v1/render", {"model": RAW, "messages": HELLO}).json()
+    assert rendered["prompt"].startswith("<extra_id_0>System\n")
+    assert rendered["prompt"].endswith(f"<extra_id_2>{format_attributes(None)}\n")
+    assert rendered["stop"] == ["<extra_id_1>"]
+
+
+def test_completions_raw_n_echo_and_stream(client) -> None:
+    response = client.completions.create(model=CHAT, prompt="The quick brown", max_tokens=5, n=2, echo=True, seed=3)
+    assert [c.index for c in response.choices] == [0, 1]
+    assert all(c.text.startswith("The quick brown") for c in response.choices)
+    assert (response.model_extra or {}).get("attributes") is None  # raw text: nothing steered
+    streamed = client.completions.create(model=CHAT, prompt=["a", "b"], max_tokens=3, stream=True, temperature=0)
+    indexes = {c.choices[0].index for c in streamed if c.choices}
+    assert indexes == {0, 1}
+
+
+def test_seed_makes_sampling_reproducible(client) -> None:
+    args = dict(model=CHAT, messages=HELLO, max_tokens=10, temperature=1.0, seed=1234, extra_body={"ignore_eos": True})
+    first = client.chat.completions.create(**args).choices[0].message.content
+    assert client.chat.completions.create(**args).choices[0].message.content == first
+
+
+def test_stop_string_cuts_the_output(client) -> None:
+    args = dict(model=CHAT, prompt="Hello", max_tokens=16, temperature=0, extra_body={"ignore_eos": True})
+    full = client.completions.create(**args).choices[0].text
+    if len(full) < 4:
+        pytest.skip(f"greedy output too short to cut: {full!r}")
+    stop = full[2:4]
+    cut = client.completions.create(**args, stop=[stop]).choices[0]
+    assert cut.text == full[: full.index(stop)] and cut.finish_reason == "stop"
+
+
+def test_mcq_probabilities_sum_to_one(server) -> None:
+    body = {"model": CHAT, "question": "2+2?", "choices": ["3", "4", "5", "22"], "attributes": {"complexity": 1}}
+    result = post(server, "/v1/mcq", body).json()
+    probabilities = result["probabilities"]
+    assert list(probabilities) == ["A", "B", "C", "D"]
+    assert math.isclose(sum(probabilities.values()), 1.0, abs_tol=1e-6)
+    assert result["answer"] == max(probabilities, key=probabilities.get)
+    assert result["index"] == "ABCD".index(result["answer"]) and result["attributes"]["complexity"] == 1
+
+
+def test_mcq_batch_and_explanation(server) -> None:
+    items = [{"question": "Pick one", "choices": ["x", "y"]}, {"question": "Q", "choices": list("abcde"), "context": "C"}]
+    result = post(server, "/v1/mcq", {"model": RAW, "items": items, "explain": True, "explain_max_tokens": 6}).json()
+    assert result["object"] == "mcq.batch" and len(result["results"]) == 2
+    assert [len(r["probabilities"]) for r in result["results"]] == [2, 5]
+    assert all(isinstance(r["explanation"], str) for r in result["results"])
+
+
+def test_concurrent_requests_are_batched_and_metered(server) -> None:
+    async def fire() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as http:
+            body = {"model": CHAT, "messages": HELLO, "max_tokens": 24, "ignore_eos": True}
+            return await asyncio.gather(*(http.post("/v1/chat/completions", json=body) for _ in range(6)))
+
+    assert all(r.status_code == 200 for r in asyncio.run(fire()))
+    text = httpx.get(server.url + "/metrics").text
+    steps = metric_value(text, "steerserve:iteration_batch_size_count", model_name=CHAT)
+    single = metric_value(text, "steerserve:iteration_batch_size_bucket", model_name=CHAT, le="1.0")
+    assert steps > single, "no decode step ever ran more than one sequence"
+    assert metric_value(text, "steerserve:time_to_first_token_seconds_count", model_name=CHAT) >= 6
+    assert metric_value(text, "steerserve:e2e_request_latency_seconds_count", model_name=CHAT) >= 6
+    assert metric_value(text, "steerserve:inter_token_latency_seconds_count", model_name=CHAT) > 0
+    assert metric_value(text, "steerserve:generation_tokens_total", model_name=CHAT) >= 6 * 24
+    assert metric_value(text, "steerserve:model_weight_bytes", model_name=CHAT, precision="bf16") > 100_000
+    assert metric_value(text, "steerserve:requests_total", model_name=CHAT, status="200") >= 6
+    assert metric_value(text, "process_resident_memory_bytes") > 0
+
+
+# ---- errors: a 4xx naming the field, never a 500 ------------------------------
+
+BAD_REQUESTS = [
+    ("/v1/chat/completions", {"model": CHAT, "messages": HELLO, "attributes": {"verbose": 1}}, 400, "attributes.verbose"),
+    ("/v1/chat/completions", {"model": CHAT, "messages": HELLO, "attributes": {"verbosity": 5}}, 400, "attributes.verbosity"),
+    ("/v1/chat/completions", {"model": CHAT, "messages": HELLO, "attributes": {"humor": 2.5}}, 400, "attributes.humor"),
+    ("/v1/chat/completions", {"model": CHAT, "messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"model": CHAT, "messages": [{"role": "user", "content": ""}]}, 400, "messages"),
+    ("/v1/chat/completions", {"model": CHAT, "messages": [{"role": "robot", "content": "x"}]}, 400, "messages.0.role"),
+    ("/v1/chat/completions", {"messages": HELLO}, 400, "model"),
+    ("/v1/chat/completions", {"model": "nope:bf16", "messages": HELLO}, 404, "model"),
+    ("/v1/chat/completions", {"model": CHAT, "messages": [{"role": "user", "content": "hello " * 600}]}, 400, "messages"),
+    ("/v1/chat/completions", {"model": CHAT, "messages": HELLO, "max_tokens": 100000}, 400, "max_tokens"),
+    ("/v1/chat/completions", {"model": CHAT, "messages": HELLO, "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/chat/completions", {"model": CHAT, "messages": HELLO, "temperature": 9}, 400, "temperature"),
+    ("/v1/chat/completions", {"model": CHAT, "messages": HELLO, "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    ("/v1/completions", {"model": CHAT, "prompt": ""}, 400, "prompt"),
+    ("/v1/completions", {"model": CHAT, "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ("/v1/mcq", {"model": CHAT, "question": "q", "choices": ["only"]}, 400, "choices"),
+    ("/v1/mcq", {"model": CHAT, "question": "q", "choices": ["a", "b"], "items": [{"question": "q", "choices": ["a", "b"]}]}, 400, None),
+    ("/v1/mcq", {"model": CHAT, "items": [{"question": "q", "choices": ["a", ""]}]}, 400, "items.0.choices"),
+    ("/v1/mcq", {"model": CHAT, "question": "q", "choices": ["a", "b"], "attributes": {"complexity": 7}}, 400, "attributes.complexity"),
+    ("/v1/render", {"model": CHAT}, 400, None),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "status", "param"), BAD_REQUESTS)
+def test_bad_requests_get_openai_errors_naming_the_field(server, path, body, status, param) -> None:
+    response = post(server, path, body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["message"] and error["type"]
+    if param is not None:
+        assert error["param"] == param, error
+
+
+@pytest.mark.parametrize("raw", [b"", b"{", b"[]", b"null", b'{"model": 3, "messages": "x"}', "\xff".encode("latin-1")])
+def test_malformed_bodies_are_400_not_500(server, raw: bytes) -> None:
+    response = httpx.post(
+        server.url + "/v1/chat/completions", content=raw, headers={"content-type": "application/json"}, timeout=30
+    )
+    assert response.status_code == 400, response.text
+    assert "error" in response.json()
+
+
+def test_openai_sdk_raises_typed_errors(client) -> None:
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="missing", messages=HELLO)
+    with pytest.raises(openai.BadRequestError, match="verbosity"):
+        client.chat.completions.create(model=CHAT, messages=HELLO, extra_body={"attributes": {"verbosity": 9}})
+
+
+def test_errors_are_counted_per_model(server) -> None:
+    post(server, "/v1/chat/completions", {"model": CHAT, "messages": HELLO, "attributes": {"verbosity": 9}})
+    text = httpx.get(server.url + "/metrics").text
+    assert metric_value(text, "steerserve:requests_total", model_name=CHAT, status="400") >= 1
+    assert metric_value(text, "steerserve:model_weight_bytes", model_name=RAW) > 0
