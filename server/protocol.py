@@ -129,20 +129,25 @@ class ChatCompletionChoice(BaseModel):
     logprobs: None = None
 
 
-class _Response(BaseModel):
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    usage: UsageInfo | None = None
-    # --- steerserve extensions -------------------------------------------------
-    attributes: dict[str, int] | None = None
-    """The full attribute set that was applied (defaults filled in)."""
-    steering: str | None = None
+def _now() -> int:
+    return int(time.time())
 
 
-class ChatCompletionResponse(_Response):
+# Extension fields every response ends with (after OpenAI's own):
+#   attributes: the full attribute set that was applied (defaults filled in); None when nothing was steered
+#   steering:   how the sliders reached the prompt (steerlm, chat-template, instructions)
+
+
+class ChatCompletionResponse(BaseModel):
     id: str = Field(default_factory=lambda: random_id("chatcmpl"))
     object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=_now)
+    model: str
     choices: list[ChatCompletionChoice]
+    usage: UsageInfo
+    # --- steerserve extensions -------------------------------------------------
+    attributes: dict[str, int] | None = None
+    steering: str | None = None
 
 
 class DeltaMessage(BaseModel):
@@ -157,10 +162,16 @@ class ChatCompletionStreamChoice(BaseModel):
     logprobs: None = None
 
 
-class ChatCompletionChunk(_Response):
+class ChatCompletionChunk(BaseModel):
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=_now)
+    model: str
     choices: list[ChatCompletionStreamChoice]
+    usage: UsageInfo | None = None
+    # --- steerserve extensions (first chunk only) ---------------------------------
+    attributes: dict[str, int] | None = None
+    steering: str | None = None
 
 
 class CompletionChoice(BaseModel):
@@ -170,16 +181,22 @@ class CompletionChoice(BaseModel):
     logprobs: None = None
 
 
-class CompletionResponse(_Response):
+class CompletionResponse(BaseModel):
     id: str = Field(default_factory=lambda: random_id("cmpl"))
     object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=_now)
+    model: str
     choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+    # --- steerserve extensions (streams: first chunk only) -------------------------
+    attributes: dict[str, int] | None = None
+    steering: str | None = None
 
 
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
-    created: int = Field(default_factory=lambda: int(time.time()))
+    created: int = Field(default_factory=_now)
     owned_by: str = "steerserve"
     # --- steerserve extensions -------------------------------------------------
     root: str
@@ -253,15 +270,20 @@ class MCQResult(BaseModel):
     explanation: str | None = None
 
 
-class MCQResponse(_Response):
+class MCQResponse(BaseModel):
     id: str = Field(default_factory=lambda: random_id("mcq"))
     object: Literal["mcq.result", "mcq.batch"] = "mcq.result"
+    created: int = Field(default_factory=_now)
+    model: str
     answer: str | None = None
     index: int | None = None
     probabilities: dict[str, float] | None = None
     explanation: str | None = None
     results: list[MCQResult] | None = None
     """Batch requests only: one result per item, in order."""
+    usage: UsageInfo
+    attributes: dict[str, int]
+    steering: str | None = None
 
 
 # ---- steerserve extensions: render ------------------------------------------

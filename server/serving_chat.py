@@ -117,17 +117,18 @@ class CompletionService:
     async def chat_stream(self, request: ChatCompletionRequest, prepared: Prepared) -> AsyncIterator[str]:
         """SSE frames: a role frame per choice, content deltas, finish frames, optional usage, [DONE]."""
         variant = prepared.variant
-        base = {
-            "id": random_id("chatcmpl"),
-            "model": variant.id,
+        base = {"id": random_id("chatcmpl"), "model": variant.id}
+        steered = {
             "attributes": resolve_attributes(request.attributes),
             "steering": variant.steering.value if variant.steering else None,
         }
         tokens = 0
         try:
-            for index in range(prepared.options.n):
-                choice = ChatCompletionStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""))
-                yield sse(ChatCompletionChunk(**base, choices=[choice]))
+            roles = [
+                ChatCompletionStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""))
+                for index in range(prepared.options.n)
+            ]
+            yield sse(ChatCompletionChunk(**base, **steered, choices=roles))
             async for delta in self.generator.stream(prepared):
                 tokens += delta.token_count
                 if not delta.text and not delta.finish_reason:
@@ -180,9 +181,11 @@ class CompletionService:
         return CompletionResponse(**base, choices=choices, usage=UsageInfo.of(prompt_tokens, completion_tokens))
 
     async def completions_stream(self, request: CompletionRequest, batch: list[Prepared]) -> AsyncIterator[str]:
-        base = {"id": random_id("cmpl"), **self._completion_base(request, batch[0].variant)}
+        first = {"id": random_id("cmpl"), **self._completion_base(request, batch[0].variant)}
+        base = {"id": first["id"], "model": first["model"]}
         n, tokens = request.n, 0
         try:
+            yield sse(CompletionResponse(**first, choices=[]))  # carries the applied attributes once
             if request.echo:
                 for position, prepared in enumerate(batch):
                     for i in range(n):

@@ -60,19 +60,19 @@ class MCQService:
         variant = self.registry.get(request.model)
         items = request.items or []
         scored = await asyncio.gather(*(self._score(variant, item, request) for item in items))
-        results = [result for result, _ in scored]
-        prompt_tokens = sum(tokens for _, tokens in scored)
+        results = [result for result, _, _ in scored]
         common = {
             "model": variant.id,
             "attributes": resolve_attributes(request.attributes),
             "steering": variant.steering.value if variant.steering else None,
-            "usage": UsageInfo.of(prompt_tokens, 0),
+            "usage": UsageInfo.of(sum(s[1] for s in scored), sum(s[2] for s in scored)),
         }
         if request.question is not None:
             return MCQResponse(**common, **results[0].model_dump())
         return MCQResponse(**common, object="mcq.batch", results=results)
 
-    async def _score(self, variant: Variant, item: MCQItem, request: MCQRequest) -> tuple[MCQResult, int]:
+    async def _score(self, variant: Variant, item: MCQItem, request: MCQRequest) -> tuple[MCQResult, int, int]:
+        """The item's result, its prompt tokens and the explanation's generated tokens."""
         user_turn = render_mcq_question(item.question, item.choices, item.context)
         prompt = variant.render([{"role": "user", "content": user_turn}], request.attributes, MCQ_ANSWER_PREFIX)
         ids = variant.tokenize(prompt)
@@ -85,17 +85,18 @@ class MCQService:
             index=index,
             probabilities={MCQ_LETTERS[i]: p for i, p in enumerate(probabilities)},
         )
+        generated = 0
         if request.explain:
-            result.explanation = await self._explain(variant, prompt, index, request.explain_max_tokens)
-        return result, len(ids)
+            result.explanation, generated = await self._explain(variant, prompt, index, request.explain_max_tokens)
+        return result, len(ids), generated
 
-    async def _explain(self, variant: Variant, prompt: str, index: int, max_tokens: int) -> str:
+    async def _explain(self, variant: Variant, prompt: str, index: int, max_tokens: int) -> tuple[str, int]:
         """Greedy continuation after the chosen letter and ``Explanation:``, as MCQ SFT trains it."""
         text = prompt + mcq_answer_token_text(index) + MCQ_EXPLANATION_PREFIX
         ids = variant.tokenize(text)
         budget = min(max_tokens, variant.max_model_len - len(ids))
         if budget < 1:
-            return ""
+            return "", 0
         prepared = self.generator.prepare(variant, text, requested_max_tokens=budget, field="question", temperature=0.0)
-        texts, _, _ = await self.generator.collect(prepared)
-        return texts[0].strip()
+        texts, _, tokens = await self.generator.collect(prepared)
+        return texts[0].strip(), tokens

@@ -290,16 +290,19 @@ class DecodeBatch:
         self.drop_done()
         return rows
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, pads: list[int], cache: DynamicCache) -> torch.Tensor:
+    def _forward(
+        self, ids: torch.Tensor, positions: torch.Tensor, pads: list[int], cache: DynamicCache
+    ) -> torch.Tensor:
+        """Last-position float32 logits; positions are explicit because rows are left-padded."""
         kwargs: dict[str, Any] = {}
         context = _row_padding(pads) if self.padded_attention else contextlib.nullcontext()
         if not self.padded_attention:
-            length = cache.get_seq_length() + ids.shape[1]
-            columns = torch.arange(length, device=self.device)
+            columns = torch.arange(cache.get_seq_length() + ids.shape[1], device=self.device)
             kwargs["attention_mask"] = (columns[None] >= torch.tensor(pads, device=self.device)[:, None]).long()
         with context:
             out = self.model(
-                input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1, **kwargs
+                input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1,
+                **kwargs,
             )
         return out.logits[:, -1].float()
 
@@ -329,9 +332,11 @@ class DecodeBatch:
             return
         old_len, new_len = self._cache.get_seq_length(), cache.get_seq_length()
         width = max(old_len, new_len)
-        for old, new in zip(self._cache.layers, cache.layers):
+        for old, new in zip(self._cache.layers, cache.layers):  # right-align both, then stack the rows
             old.keys = torch.cat([_left_pad(old.keys, width - old_len), _left_pad(new.keys, width - new_len)])
-            old.values = torch.cat([_left_pad(old.values, width - old_len), _left_pad(new.values, width - new_len)])
+            old.values = torch.cat(
+                [_left_pad(old.values, width - old_len), _left_pad(new.values, width - new_len)]
+            )
         self._pads = [p + width - old_len for p in self._pads] + [p + width - new_len for p in pads]
         self.rows = self.rows + newcomers
 

@@ -21,23 +21,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from steerserve.precision import Precision
 from steerserve.server.engines import load_engine_class
 from steerserve.server.engines.base import (
-    ContextLengthExceeded,
-    EngineConfig,
-    EngineError,
-    EngineNotReady,
-    EngineRequest,
-    GenerationDelta,
-    SamplingOptions,
+    ContextLengthExceeded, EngineConfig, EngineError, EngineNotReady, EngineRequest, GenerationDelta, SamplingOptions,
 )
 from steerserve.server.engines.hf_engine import TransformersEngine
 from steerserve.server.engines.hf_scheduler import TextTracker
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-PROMPTS = [
-    "Hello",
-    "Question: What is the capital",
-    "The quick brown fox jumps over the lazy dog. A chat between",
+PROMPTS = [  # 1 to ~30 tokens
+    "Hello", "Question: What is the capital", "The quick brown fox jumps over the lazy dog. A chat between",
     "quality:4,toxicity:0,humor:0,creativity:0,helpfulness:4,correctness:4 User Assistant System",
 ]
 EOS_PROMPT = "The quick brown fox"
@@ -313,6 +305,22 @@ async def test_not_ready_before_start_and_after_shutdown(varied_dir: Path, token
     with pytest.raises(EngineNotReady):
         eng.weight_bytes()
     assert eng.running == 0
+
+
+async def test_masked_attention_path_batches_correctly(varied_dir: Path, tokenizer) -> None:
+    """An explicit attention implementation keeps transformers' masks (no per-row attention)."""
+    eng = TransformersEngine(EngineConfig(model=str(varied_dir), extra={"attn_implementation": "eager"}))
+    await eng.start()
+    try:
+        assert not eng._batch.padded_attention and eng._batch.mergeable
+        prompts = [tokenizer.encode(p) for p in PROMPTS]
+        alone = [summary(await collect(eng, request(p, max_tokens=12, temperature=0))) for p in prompts]
+        running = eng.generate(request(prompts[0], max_tokens=12, temperature=0))
+        head = [await anext(running), await anext(running)]
+        late = await asyncio.gather(*(collect(eng, request(p, max_tokens=12, temperature=0)) for p in prompts[1:]))
+        assert [summary(head + [d async for d in running])] + [summary(d) for d in late] == alone
+    finally:
+        await eng.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -162,6 +162,7 @@ def test_mcq_batch_and_explanation(server) -> None:
     assert result["object"] == "mcq.batch" and len(result["results"]) == 2
     assert [len(r["probabilities"]) for r in result["results"]] == [2, 5]
     assert all(isinstance(r["explanation"], str) for r in result["results"])
+    assert 0 < result["usage"]["completion_tokens"] <= 12
 
 
 def test_concurrent_requests_are_batched_and_metered(server) -> None:
