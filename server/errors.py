@@ -18,7 +18,12 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from steerserve.attributes import InvalidAttribute
-from steerserve.server.engines.base import ContextLengthExceeded, EngineNotReady, EngineOverloaded
+from steerserve.server.engines.base import (
+    ContextLengthExceeded,
+    EngineNotReady,
+    EngineOverloaded,
+    InvalidRequest,
+)
 from steerserve.server.protocol import ErrorInfo, ErrorResponse
 
 logger = logging.getLogger(__name__)
@@ -69,6 +74,8 @@ def from_exception(exc: Exception) -> APIError:
         return APIError(400, str(exc), param="messages", code="context_length_exceeded")
     if isinstance(exc, InvalidAttribute):
         return APIError(400, str(exc), param=exc.field, code="invalid_attribute")
+    if isinstance(exc, InvalidRequest):
+        return APIError(400, str(exc), code="invalid_request")
     if isinstance(exc, EngineNotReady):
         return APIError(503, f"model not ready: {exc}", code="model_not_ready")
     if isinstance(exc, EngineOverloaded):

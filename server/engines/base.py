@@ -89,6 +89,10 @@ class ContextLengthExceeded(EngineError):
         self.prompt_tokens, self.max_tokens, self.limit = prompt_tokens, max_tokens, limit
 
 
+class InvalidRequest(EngineError, ValueError):
+    """Options or inputs the engine cannot run (the server validates first; this is the backstop)."""
+
+
 class EngineNotReady(EngineError):
     """The engine is still loading, or has shut down."""
 
@@ -119,7 +123,9 @@ class Engine(abc.ABC):
     def generate(self, request: EngineRequest) -> AsyncIterator[GenerationDelta]:
         """Stream deltas until every choice has a finish_reason.
 
-        Closing the iterator early (client gone) must free the request's batch slot.
+        Errors (EngineNotReady, ContextLengthExceeded, InvalidRequest) surface on the first
+        ``__anext__``. A delta's text may be empty (a token held back, e.g. a partial stop
+        string). Closing the iterator early (client gone) must free the request's batch slot.
         """
 
     @abc.abstractmethod

@@ -34,6 +34,7 @@ from steerserve.server.engines.base import (
     EngineError,
     EngineNotReady,
     EngineOverloaded,
+    InvalidRequest,
     EngineRequest,
     GenerationDelta,
 )
@@ -198,9 +199,9 @@ class TransformersEngine(Engine):
         self._check_ready()
         opts, prompt = request.options, request.prompt_token_ids
         if not prompt:
-            raise ValueError("the prompt has no tokens")
+            raise InvalidRequest("the prompt has no tokens")
         if opts.n < 1 or opts.max_tokens < 1:
-            raise ValueError("n and max_tokens must be at least 1")
+            raise InvalidRequest("n and max_tokens must be at least 1")
         if len(prompt) >= self.config.max_model_len:
             raise ContextLengthExceeded(len(prompt), opts.max_tokens, self.config.max_model_len)
         return self._stream(request)
@@ -285,7 +286,7 @@ class TransformersEngine(Engine):
     async def next_token_logprobs(self, prompt_token_ids: list[int], candidates: list[int]) -> list[float]:
         self._check_ready()
         if not prompt_token_ids:
-            raise ValueError("the prompt has no tokens")
+            raise InvalidRequest("the prompt has no tokens")
         if len(prompt_token_ids) > self.config.max_model_len:
             raise ContextLengthExceeded(len(prompt_token_ids), 0, self.config.max_model_len)
         loop = asyncio.get_running_loop()  # same worker thread: never overlaps a decode step
@@ -297,7 +298,7 @@ class TransformersEngine(Engine):
             logits = self._model(input_ids=ids, use_cache=False, logits_to_keep=1).logits[0, -1]
             logprobs = logits.float().log_softmax(-1)
         if any(not 0 <= c < logprobs.shape[0] for c in candidates):
-            raise ValueError(f"candidate ids must be in [0, {logprobs.shape[0]})")
+            raise InvalidRequest(f"candidate ids must be in [0, {logprobs.shape[0]})")
         return logprobs[candidates].tolist()
 
     def weight_bytes(self) -> int:

@@ -46,6 +46,7 @@ from steerserve.server.engines.base import (
     EngineError,
     EngineNotReady,
     EngineOverloaded,
+    InvalidRequest,
     EngineRequest,
     GenerationDelta,
     SamplingOptions,
@@ -275,7 +276,7 @@ class VLLMEngine(Engine):
         text = str(exc)
         if "maximum context length" in text or "maximum model length" in text:
             return ContextLengthExceeded(prompt_tokens, max_tokens or 0, self._max_model_len)
-        return ValueError(text)
+        return InvalidRequest(text)
 
 
 def _sampling_params(options: SamplingOptions, n: int) -> SamplingParams:
@@ -291,7 +292,7 @@ def _sampling_params(options: SamplingOptions, n: int) -> SamplingParams:
             output_kind=RequestOutputKind.DELTA,
         )
     except VLLMValidationError as exc:
-        raise ValueError(str(exc)) from exc
+        raise InvalidRequest(str(exc)) from exc
 
 
 def _deltas(out: Any, started: set[int]) -> list[GenerationDelta]:
