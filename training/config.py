@@ -1,0 +1,203 @@
+"""Recipe configuration: one dataclass per recipe, loaded from YAML, overridden by ``--set key=value``.
+
+Every field carries its help text in ``metadata["help"]`` (shown by
+``steerserve train <recipe> --help``); each recipe validates its values in
+``__post_init__``::
+
+    config = load_config(SFTConfig, "training/recipes/sft-tiny.yaml", ["max_steps=5", "lora=true"])
+
+Relative paths (``model``, ``data``, ...) are looked up, first hit wins, against
+(1) the current directory, (2) the YAML file's directory, (3) the project root
+(the folder holding ``training/``, so ``../shared/data/...`` in the shipped
+recipes works from anywhere in an editable install). A path found nowhere is
+kept as written: a Hugging Face name for ``data``/``model``, else an error later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+TINY_MODELS = ("tiny", "tiny-raw")
+DEFAULT_MODEL = "default"
+
+C = TypeVar("C", bound="CommonConfig")
+
+
+class ConfigError(ValueError):
+    """A bad recipe file or override; the message names the key."""
+
+
+def option(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - "help" reads best at call sites
+    """A dataclass field with help text (lists/dicts get a factory)."""
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
+    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+
+
+@dataclasses.dataclass
+class CommonConfig:
+    """What every recipe has: a model, data and the seed; validation helpers."""
+
+    PATH_FIELDS: typing.ClassVar[tuple[str, ...]] = ("model", "data")
+
+    model: str = option("tiny", "Base model: a local checkpoint directory, a hub name (online only), 'default' "
+                                "(the server's default model, SmolLM2-135M-Instruct, converted once into the cache), "
+                                "or 'tiny' / 'tiny-raw' to build a tiny random Llama (with / without a chat "
+                                "template) offline.")
+    data: str = option("", "Data: a file, a directory of files, or a Hugging Face data set name ('name:config').")
+    data_format: str = option("", "Format of `data` (see the recipe's data formats).")
+    data_split: str = option("train", "Split to read when `data` is a hub data set.")
+    seed: int = option(0, "Seed for the split, shuffles and weight init.")
+    limit: int | None = option(None, "Use at most this many loaded rows (before any split), to run small.")
+
+    def __post_init__(self) -> None:
+        if not self.data:
+            raise ConfigError("data: required (a file, directory or hub name)")
+        if self.limit is not None and self.limit < 2:
+            raise ConfigError(f"limit: must be at least 2 rows, got {self.limit}")
+
+    def check_choice(self, name: str, choices: typing.Iterable[str]) -> None:
+        """ConfigError naming the field unless its value is one of ``choices``."""
+        choices = tuple(choices)
+        if getattr(self, name) not in choices:
+            raise ConfigError(f"{name}: {getattr(self, name)!r} is not one of {', '.join(map(str, choices))}")
+
+    def check_positive(self, *names: str) -> None:
+        """ConfigError naming the first field that is below 1."""
+        for name in names:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be at least 1, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class BaseConfig(CommonConfig):
+    """What every training recipe has: split, run length and optimizer basics."""
+
+    test_fraction: float = option(0.1, "Share of prompt groups held out for evaluation (grouped by prompt).")
+    max_steps: int = option(-1, "Stop after this many optimizer steps (-1: run `epochs`).")
+    epochs: float = option(1.0, "Passes over the training split when max_steps is -1.")
+    learning_rate: float = option(1e-4, "Peak learning rate (linear decay).")
+    batch_size: int = option(4, "Rows per optimizer step per device (before accumulation).")
+    gradient_accumulation_steps: int = option(1, "Micro-batches accumulated per optimizer step.")
+    eval_batch_size: int = option(8, "Rows per forward pass when evaluating.")
+    max_length: int = option(512, "Longest tokenized sequence; longer ones are truncated.")
+    logging_steps: int = option(5, "Log (progress bar + logs/train_log.jsonl) every this many steps.")
+    save_steps: int = option(50, "Checkpoint every this many steps; a rerun resumes from the last one.")
+    gradient_checkpointing: bool = option(False, "Trade compute for memory (off: tiny models on CPU).")
+    keep_checkpoints: bool = option(False, "Keep checkpoints/ in the finished output (off: only the final model).")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.test_fraction < 1.0:
+            raise ConfigError(f"test_fraction: must be in [0, 1), got {self.test_fraction}")
+        self.check_positive("batch_size", "gradient_accumulation_steps", "eval_batch_size", "max_length",
+                            "logging_steps", "save_steps")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ConfigError(f"max_steps: must be -1 or positive, got {self.max_steps}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate: must be positive, got {self.learning_rate}")
+
+
+@dataclasses.dataclass
+class LoraFields:
+    """Optional LoRA (peft) for the recipes that fine-tune a causal LM."""
+
+    lora: bool = option(False, "Train a LoRA adapter instead of all weights (saved under adapter/ and merged).")
+    lora_r: int = option(8, "LoRA rank.")
+    lora_alpha: int = option(16, "LoRA scaling numerator (alpha / r).")
+    lora_dropout: float = option(0.05, "Dropout on the LoRA path.")
+    lora_target_modules: list[str] = option(["q_proj", "k_proj", "v_proj", "o_proj"],
+                                            "Module names that get adapters.")
+
+
+def field_help(cls: type) -> list[tuple[str, str, Any]]:
+    """(name, help, default) per field, for ``--help``."""
+    rows = []
+    for item in dataclasses.fields(cls):
+        missing = item.default is dataclasses.MISSING
+        default = item.default_factory() if missing else item.default  # type: ignore[misc]
+        rows.append((item.name, item.metadata.get("help", ""), default))
+    return rows
+
+
+def _coerce(name: str, hint: Any, value: Any) -> Any:
+    """A YAML/``--set`` value as the field's type (ints to floats, "true" to bool, ...), or ConfigError."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        hint = next(arg for arg in args if arg is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is list:
+        items = value if isinstance(value, list) else [v for v in str(value).split(",") if v]
+        return [_coerce(name, args[0] if args else str, item) for item in items]
+    if hint is bool and isinstance(value, bool):
+        return value
+    if hint is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
+            return float(value)  # YAML 1.1 reads "2e-5" (no dot) as text
+        except ValueError:
+            pass
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise ConfigError(f"{name}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def resolve_path(value: str, config_dir: Path | None) -> str:
+    """First existing of cwd / config dir / project root joined with ``value``; else ``value`` unchanged."""
+    if not value or Path(value).is_absolute() or value in (*TINY_MODELS, DEFAULT_MODEL):
+        return value
+    for base in (Path.cwd(), config_dir, PROJECT_ROOT):
+        if base is not None and (base / value).exists():
+            return str((base / value).resolve())
+    return value
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["a=1", "b=x"]`` -> ``{"a": 1, "b": "x"}`` (values read as YAML scalars)."""
+    values = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        values[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    return values
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None,
+                **values: Any) -> C:
+    """``cls`` from a YAML file, then ``--set`` overrides, then ``values`` (CLI flags); paths resolved."""
+    raw: dict[str, Any] = {}
+    config_dir = None
+    if path is not None:
+        config_dir = Path(path).resolve().parent
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of settings, got {type(loaded).__name__}")
+        raw.update(loaded)
+    raw.update(parse_overrides(overrides or []))
+    raw.update({key: value for key, value in values.items() if value is not None})
+    hints = typing.get_type_hints(cls)
+    known = {item.name for item in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown setting(s) {', '.join(unknown)} for {cls.__name__}; known: {', '.join(sorted(known))}"
+        )
+    typed = {key: _coerce(key, hints[key], value) for key, value in raw.items()}
+    for key in cls.PATH_FIELDS:
+        if isinstance(typed.get(key), str):
+            typed[key] = resolve_path(typed[key], config_dir)
+    return cls(**typed)

@@ -1,0 +1,108 @@
+"""Direct preference optimisation with TRL's DPOTrainer: sigmoid, robust or IPO loss.
+
+``label_smoothing`` is the assumed rate of flipped preference labels for the
+robust loss. Reports reward accuracy and margin on the held-out split (grouped
+by prompt)::
+
+    steerserve train dpo --config training/recipes/dpo-tiny.yaml --output runs/dpo-tiny --set loss_type=robust
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from steerserve.prompts import SteeringMethod
+from steerserve.training import runner
+from steerserve.training.config import BaseConfig, ConfigError, LoraFields, option
+from steerserve.training.data.preferences import FORMATS, load_preference_pairs
+from steerserve.training.manifest import data_entry
+from steerserve.training.output import RunDir
+
+logger = logging.getLogger(__name__)
+
+RECIPE = "dpo"
+LOSS_TYPES = ("sigmoid", "robust", "ipo")
+HELD_OUT = {"eval_rewards/accuracies": "heldout_reward_accuracy", "eval_rewards/margins": "heldout_reward_margin",
+            "eval_loss": "heldout_loss"}
+
+
+@dataclasses.dataclass
+class DPORecipeConfig(BaseConfig, LoraFields):
+    """DPO on preference pairs (formats: hh-rlhf, pairs, helpsteer, oasst)."""
+
+    loss_type: str = option("sigmoid", "DPO loss: sigmoid (DPO), robust (rDPO, uses label_smoothing) or ipo.")
+    beta: float = option(0.1, "Strength of the pull towards the reference model (higher: stay closer).")
+    label_smoothing: float = option(0.0, "robust: assumed share of flipped preference labels, in [0, 0.5).")
+    learning_rate: float = option(1e-6, "Peak learning rate (linear decay).")
+    steering: str = option("auto", "Prompt format trained and served: auto (instructions with a chat template, "
+                                   "else steerlm), steerlm, chat-template or instructions.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check_choice("data_format", FORMATS)
+        self.check_choice("loss_type", LOSS_TYPES)
+        self.check_choice("steering", runner.STEERING_CHOICES)
+        if self.beta <= 0:
+            raise ConfigError(f"beta: must be positive, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.loss_type != "robust":
+            raise ConfigError(f"label_smoothing: only the robust loss uses it (loss_type is {self.loss_type!r})")
+
+
+def pair_example(pair: dict[str, Any], method: SteeringMethod, tokenizer: Any) -> dict[str, str]:
+    """Prompt as the server renders it; both replies end with the model's end of turn."""
+    end = runner.end_of_turn(method, tokenizer)
+    return {
+        "prompt": runner.chat_prompt(pair["prompt"], None, method, tokenizer),
+        "chosen": pair["chosen"] + end,
+        "rejected": pair["rejected"] + end,
+    }
+
+
+def build_trainer(config: DPORecipeConfig, run_dir: RunDir, base: str, tokenizer: Any,
+                  train: list[dict[str, str]], test: list[dict[str, str]], callbacks: Sequence[Any] = ()) -> Any:
+    """A DPOTrainer whose reference model is the base (or the adapter-free base with LoRA)."""
+    from trl import DPOConfig, DPOTrainer
+
+    args = DPOConfig(
+        **runner.trainer_arguments(config, run_dir),
+        loss_type=[config.loss_type],  # a list in TRL 1.x
+        beta=config.beta,
+        label_smoothing=config.label_smoothing,
+        max_length=config.max_length,
+    )
+    return DPOTrainer(args=args, **runner.trl_trainer_kwargs(config, run_dir, base, tokenizer, train, test, callbacks))
+
+
+def held_out_metrics(trainer: Any) -> dict[str, Any]:
+    """Reward accuracy/margin and loss on the held-out pairs, under readable names."""
+    metrics = trainer.evaluate()
+    return {HELD_OUT.get(key, key): value for key, value in metrics.items()}
+
+
+def run(config: DPORecipeConfig, output: Path, force: bool = False, callbacks: Sequence[Any] = ()) -> Path:
+    """Train, evaluate on the held-out pairs, save; returns the output directory."""
+    from steerserve.training.sft import finish
+
+    run_dir, base, base_name = runner.start(RECIPE, config, output, force)
+    tokenizer = runner.load_tokenizer(base)
+    method = runner.steering_for(tokenizer, config.steering)
+    pairs, report = load_preference_pairs(config.data, config.data_format, config.data_split)
+    train_pairs, test_pairs = runner.limit_and_split(pairs, config)
+    train, test, dropped = runner.examples(train_pairs, test_pairs, lambda pair: pair_example(
+        pair, method, tokenizer), tokenizer, config.max_length)
+    trainer = build_trainer(config, run_dir, base, tokenizer, train, test, callbacks)
+    metrics = runner.train(trainer, run_dir)
+    if test:
+        metrics.update(held_out_metrics(trainer))
+    split = {"train_pairs": len(train), "test_pairs": len(test), "dropped_overlong": dropped}
+    return finish(RECIPE, config, run_dir, trainer, tokenizer, base_name, method, metrics,
+                  [data_entry(config.data, report, config.data_format)], split=split)
+
+
+CONFIG = DPORecipeConfig

@@ -1,0 +1,109 @@
+"""The output directory of a run: built in a temp dir beside it, renamed into place when finished.
+
+A crash leaves ``.<name>.partial/`` behind with its checkpoints; rerunning the same
+command resumes from the last one. A finished directory (it has ``manifest.json``)
+is never overwritten without ``force``::
+
+    run_dir = RunDir(Path("runs/dpo"), fingerprint={"recipe": "dpo", ...}, force=False)
+    work = run_dir.prepare()          # write checkpoints, model, logs under work
+    run_dir.commit()                  # atomically becomes runs/dpo
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+RUN_FILE = "run.json"
+CHECKPOINTS = "checkpoints"
+# Settings that may change between a crash and its resume without invalidating the checkpoints.
+RESUME_SAFE = frozenset({"max_steps", "epochs", "logging_steps", "save_steps", "keep_checkpoints", "eval_batch_size"})
+
+
+class OutputExists(RuntimeError):
+    """The output directory holds a finished run (or something else) and ``force`` was not given."""
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON through a temp file + rename, so a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _comparable(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    config = {k: v for k, v in fingerprint.get("config", {}).items() if k not in RESUME_SAFE}
+    return {**fingerprint, "config": config}
+
+
+class RunDir:
+    """One run's output: ``final`` once committed, ``work`` (a hidden sibling) until then."""
+
+    def __init__(self, final: Path, fingerprint: dict[str, Any], force: bool = False) -> None:
+        self.final = Path(final).resolve()
+        self.work = self.final.parent / f".{self.final.name}.partial"
+        self.fingerprint = json.loads(json.dumps(fingerprint, default=str))
+        self.force = force
+        self.resumed = False
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.work / CHECKPOINTS
+
+    def prepare(self) -> Path:
+        """Check the destination, then create or reuse the work dir; returns it."""
+        if self.final.exists() and any(self.final.iterdir()) and not self.force:
+            what = "a finished run" if (self.final / MANIFEST).exists() else "files that are not a finished run"
+            raise OutputExists(f"{self.final} holds {what}; pass --force to overwrite it")
+        if self.work.exists():
+            self._reuse_or_clear()
+        self.work.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.work / RUN_FILE, self.fingerprint)
+        return self.work
+
+    def _reuse_or_clear(self) -> None:
+        try:
+            previous = json.loads((self.work / RUN_FILE).read_text())
+        except (OSError, json.JSONDecodeError):
+            previous = None
+        if previous is not None and _comparable(previous) == _comparable(self.fingerprint):
+            self.resumed = True
+            logger.info("resuming the unfinished run in %s", self.work)
+            return
+        if not self.force:
+            raise OutputExists(
+                f"{self.work} holds an unfinished run with a different recipe or config; rerun with the same "
+                "settings to resume it, or pass --force to discard it"
+            )
+        logger.warning("discarding the unfinished run in %s (--force)", self.work)
+        shutil.rmtree(self.work)
+
+    def last_checkpoint(self) -> str | None:
+        """The newest ``checkpoint-N`` to resume from, if any."""
+        if not self.checkpoints.is_dir():
+            return None
+        found = [p for p in self.checkpoints.iterdir() if p.name.startswith("checkpoint-") and p.name[11:].isdigit()]
+        return str(max(found, key=lambda p: int(p.name[11:]))) if found else None
+
+    def commit(self, manifest: dict[str, Any], keep_checkpoints: bool = False) -> Path:
+        """Write the manifest last, then swap the work dir into place (an old finished dir is removed after)."""
+        if not keep_checkpoints and self.checkpoints.exists():
+            shutil.rmtree(self.checkpoints)
+        (self.work / RUN_FILE).unlink(missing_ok=True)
+        write_json_atomic(self.work / MANIFEST, manifest)
+        old = None
+        if self.final.exists():
+            old = self.final.parent / f".{self.final.name}.old-{os.getpid()}"
+            os.replace(self.final, old)
+        os.replace(self.work, self.final)
+        if old is not None:
+            shutil.rmtree(old)
+        logger.info("wrote %s", self.final)
+        return self.final

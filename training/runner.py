@@ -1,0 +1,251 @@
+"""What the Trainer-based recipes share: base model, prompts, trainer arguments, resume, saving.
+
+Imports torch/transformers only inside functions, so the CLI's ``--help`` stays instant::
+
+    base, name = materialize_base(config.model, run_dir.work)
+    tokenizer = load_tokenizer(base)
+    prompt = chat_prompt(messages, None, steering_for(tokenizer, "auto"), tokenizer)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from steerserve.prompts import STEERLM_STOP, SteeringMethod, render_chat
+from steerserve.training.config import DEFAULT_MODEL, TINY_MODELS, BaseConfig, CommonConfig, LoraFields
+from steerserve.training.data.split import grouped_split, prompt_key
+from steerserve.training.output import RunDir
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback
+
+logger = logging.getLogger(__name__)
+
+BASE_DIR = "base-model"
+LOG_FILE = "logs/train_log.jsonl"
+STEERING_CHOICES = ("auto", *(method.value for method in SteeringMethod))
+
+
+# ---- base model and tokenizer ----------------------------------------------
+
+
+def start(recipe: str, config: CommonConfig, output: Path, force: bool) -> tuple[RunDir, str, str]:
+    """(run dir, base path, base name): the output checked and prepared, the base model at hand."""
+    run_dir = RunDir(output, {"recipe": recipe, "config": config.to_dict()}, force)
+    base, base_name = materialize_base(config.model, run_dir.prepare())
+    return run_dir, base, base_name
+
+
+
+def materialize_base(model: str, work: Path) -> tuple[str, str]:
+    """(path to load, name for the manifest); ``tiny``/``tiny-raw`` are built into the work dir once.
+
+    ``default`` is the server's default model, in the same cache (``STEERSERVE_CACHE_DIR``).
+    """
+    if model == DEFAULT_MODEL:
+        from steerserve.default_model import DEFAULT_MODEL_NAME, default_model_dir
+
+        cache = Path(os.environ.get("STEERSERVE_CACHE_DIR", Path.home() / ".cache" / "steerserve"))
+        return str(default_model_dir(cache)), DEFAULT_MODEL_NAME
+    if model not in TINY_MODELS:
+        return model, model
+    from steerserve.training.tiny import build_tiny_model
+
+    path = work / BASE_DIR
+    if not (path / "config.json").exists():  # a resumed run reuses the same build
+        build_tiny_model(path, chat_template=model == "tiny")
+    return str(path), f"{model} (random Llama built by steerserve.training.tiny)"
+
+
+def drop_base(work: Path) -> None:
+    """Remove a built tiny base before the work dir becomes the output."""
+    shutil.rmtree(work / BASE_DIR, ignore_errors=True)
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    """The base's tokenizer, with a pad token (batches need one; eos stands in when absent)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(path: str) -> Any:
+    """The base LM in float32 (CPU training; mixed precision is the trainer's ``bf16``)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+# ---- prompts: the serving renderer, so serving sees the training text --------
+
+
+def steering_for(tokenizer: PreTrainedTokenizerBase, requested: str, conditioned: bool = False) -> SteeringMethod:
+    """The method a run trains (and the server will use).
+
+    ``auto``: models with a chat template get ``chat-template`` when the run teaches
+    attribute lines (acsft), else ``instructions``; models without one get ``steerlm``.
+    """
+    if requested != "auto":
+        method = SteeringMethod(requested)
+    elif not tokenizer.chat_template:
+        method = SteeringMethod.STEERLM
+    else:
+        method = SteeringMethod.CHAT_TEMPLATE if conditioned else SteeringMethod.INSTRUCTIONS
+    if method is not SteeringMethod.STEERLM and not tokenizer.chat_template:
+        raise ValueError(f"steering {method.value!r} needs a tokenizer with a chat template")
+    return method
+
+
+def chat_prompt(messages: Sequence[dict[str, str]], attributes: dict[str, Any] | None, method: SteeringMethod,
+                tokenizer: PreTrainedTokenizerBase, assistant_prefix: str = "") -> str:
+    """Exactly what the server renders for these messages and attributes."""
+
+    def apply_template(msgs: list[dict[str, str]]) -> str:
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+    return render_chat(messages, attributes, method, apply_template, assistant_prefix)
+
+
+def end_of_turn(method: SteeringMethod, tokenizer: PreTrainedTokenizerBase) -> str:
+    """What ends an assistant turn: SteerLM's ``\\n<extra_id_1>`` (the server's stop string) or the eos."""
+    return f"\n{STEERLM_STOP}" if method is SteeringMethod.STEERLM else tokenizer.eos_token
+
+
+# ---- data --------------------------------------------------------------------
+
+
+def limit_and_split(rows: list[dict[str, Any]], config: BaseConfig) -> tuple[list[dict], list[dict]]:
+    """``limit`` rows, then the grouped, seeded train/test split."""
+    if config.limit is not None:
+        rows = rows[: config.limit]
+    train, test = grouped_split(rows, prompt_key, config.test_fraction, config.seed)
+    if not train:
+        raise ValueError(f"{config.data}: no training rows left after the split")
+    logger.info("split: %d train rows, %d held-out rows (grouped by prompt)", len(train), len(test))
+    return train, test
+
+
+def examples(train_rows: list[dict], test_rows: list[dict], build: Callable[[dict], dict[str, str]],
+             tokenizer: PreTrainedTokenizerBase, max_length: int, room: int = 16) -> tuple[list, list, int]:
+    """(train, test, dropped): built examples whose prompt leaves at least ``room`` tokens for the reply.
+
+    The trainers truncate at the end, so an over-long prompt would leave nothing to learn from.
+    """
+    built = [[build(row) for row in rows] for rows in (train_rows, test_rows)]
+    kept = [[ex for ex in side if len(tokenizer(ex["prompt"]).input_ids) <= max_length - room] for side in built]
+    dropped = sum(map(len, built)) - sum(map(len, kept))
+    if dropped:
+        logger.warning("dropped %d of %d examples whose prompt leaves under %d of max_length=%d tokens",
+                       dropped, sum(map(len, built)), room, max_length)
+    return kept[0], kept[1], dropped
+
+
+# ---- trainer -----------------------------------------------------------------
+
+
+def trainer_arguments(config: BaseConfig, run_dir: RunDir) -> dict[str, Any]:
+    """TrainingArguments fields every recipe sets the same way (checkpoints under the work dir)."""
+    import torch
+
+    return {
+        "output_dir": str(run_dir.checkpoints),
+        "max_steps": config.max_steps,
+        "num_train_epochs": config.epochs,
+        "learning_rate": config.learning_rate,
+        "per_device_train_batch_size": config.batch_size,
+        "per_device_eval_batch_size": config.eval_batch_size,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "gradient_checkpointing": config.gradient_checkpointing,
+        "logging_steps": config.logging_steps,
+        "logging_first_step": True,
+        "save_strategy": "steps",
+        "save_steps": config.save_steps,
+        "save_total_limit": 2,
+        "eval_strategy": "no",
+        "seed": config.seed,
+        "report_to": [],
+        "bf16": False,
+        "use_cpu": not torch.cuda.is_available(),
+        "disable_tqdm": False,
+        "dataloader_num_workers": 0,
+    }
+
+
+def trl_trainer_kwargs(config: BaseConfig, run_dir: RunDir, base: str, tokenizer: PreTrainedTokenizerBase,
+                       train: list[dict[str, str]], test: list[dict[str, str]],
+                       callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+    """What SFTTrainer and DPOTrainer take alike: model, data, tokenizer, LoRA, JSON log + caller callbacks."""
+    from datasets import Dataset
+
+    return {
+        "model": load_causal_lm(base),
+        "train_dataset": Dataset.from_list(train),
+        "eval_dataset": Dataset.from_list(test) if test else None,
+        "processing_class": tokenizer,
+        "peft_config": lora_config(config),  # type: ignore[arg-type]  # the LoRA recipes' configs have its fields
+        "callbacks": [json_log_callback(run_dir.work / LOG_FILE), *callbacks],
+    }
+
+
+def json_log_callback(path: Path) -> TrainerCallback:
+    """A callback appending every trainer log (loss, lr, ...) as one JSON line to ``path``."""
+    from transformers import TrainerCallback
+
+    class JsonLog(TrainerCallback):
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as handle:
+                handle.write(json.dumps({"step": state.global_step, **(logs or {})}) + "\n")
+
+    return JsonLog()
+
+
+def lora_config(config: LoraFields, task_type: str = "CAUSAL_LM") -> Any:
+    """A peft LoraConfig when the recipe asks for LoRA, else None."""
+    if not config.lora:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=list(config.lora_target_modules), task_type=task_type)
+
+
+def train(trainer: Trainer, run_dir: RunDir) -> dict[str, Any]:
+    """Train, resuming from the work dir's last checkpoint; returns the train metrics."""
+    checkpoint = run_dir.last_checkpoint()
+    if checkpoint:
+        logger.info("resuming from %s", checkpoint)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    return {"train_loss": result.training_loss, "train_runtime_s": result.metrics.get("train_runtime")}
+
+
+def save_model(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, work: Path) -> None:
+    """The full checkpoint at ``work`` (servable); with LoRA also the adapter under ``work/adapter``."""
+    model = trainer.model
+    if hasattr(model, "merge_and_unload"):
+        model.save_pretrained(work / "adapter")
+        tokenizer.save_pretrained(work / "adapter")
+        model = model.merge_and_unload()
+    model.save_pretrained(work)
+    tokenizer.save_pretrained(work)
+
+
+def finite_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Metrics rounded for the manifest (NaN/inf kept as strings so JSON stays valid)."""
+    clean = {}
+    for key, value in metrics.items():
+        if isinstance(value, float):
+            clean[key] = round(value, 6) if value == value and abs(value) != float("inf") else str(value)
+        else:
+            clean[key] = value
+    return clean
