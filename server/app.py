@@ -178,6 +178,8 @@ def create_app(settings: ServerSettings, registry: VariantRegistry | None = None
 
     app = FastAPI(title="steerserve", version="0.1.0", lifespan=lifespan)
     metrics = ServerMetrics(lambda: list(registry.variants.values()))
+    for variant in registry.variants.values():
+        variant.engine.on_step = metrics.step_observer(variant.id)
     generator = Generator(settings, metrics)
     app.state.settings, app.state.registry, app.state.metrics = settings, registry, metrics
     app.state.completions = CompletionService(registry, generator)

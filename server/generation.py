@@ -92,7 +92,6 @@ class Generator:
         """Engine deltas for one prompt; records TTFT, inter-token and e2e latency as they pass."""
         model = prepared.variant.id
         engine = prepared.variant.engine
-        engine.on_step = engine.on_step or self.metrics.step_observer(model)
         request = EngineRequest(prepared.request_id, prepared.prompt_token_ids, prepared.options)
         start = last = time.perf_counter()
         first = True
