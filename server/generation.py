@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from contextlib import aclosing
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
@@ -18,6 +19,9 @@ from steerserve.server.metrics import ServerMetrics
 from steerserve.server.protocol import random_id
 from steerserve.server.settings import ServerSettings
 from steerserve.server.variants import Variant
+
+
+GREEDY_BELOW = 1e-5
 
 
 @dataclass
@@ -37,6 +41,20 @@ class Generator:
     def __init__(self, settings: ServerSettings, metrics: ServerMetrics) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.in_flight: dict[str, int] = {}
+        """Generations per variant between their first and last delta (for backpressure)."""
+
+    def admit(self, variant: Variant) -> None:
+        """429 before any work when the variant's batch and queue are full: memory stays bounded."""
+        capacity = self.settings.max_num_seqs + self.settings.max_queue
+        if self.in_flight.get(variant.id, 0) >= capacity:
+            error = APIError(
+                429,
+                f"model {variant.id!r} has {capacity} requests in flight (batch + queue); retry shortly",
+                code="queue_full",
+            )
+            error.headers["Retry-After"] = "1"
+            raise error
 
     def max_tokens(self, variant: Variant, prompt_tokens: int, requested: int | None, field: str) -> int:
         """Validate the prompt length and resolve ``max_tokens`` against the context window."""
@@ -76,10 +94,12 @@ class Generator:
         stop: Sequence[str] = (),
         ignore_eos: bool = False,
     ) -> Prepared:
+        self.admit(variant)
         ids = variant.tokenize(prompt)
         options = SamplingOptions(
             max_tokens=self.max_tokens(variant, len(ids), requested_max_tokens, field),
-            temperature=temperature,
+            # Below 1e-5 sampling is greedy (as in vLLM): dividing logits by a denormal overflows.
+            temperature=temperature if temperature >= GREEDY_BELOW else 0.0,
             top_p=top_p,
             seed=seed,
             stop=tuple(dict.fromkeys([*variant.stops(), *stop])),
@@ -89,30 +109,43 @@ class Generator:
         return Prepared(variant, prompt, ids, options, random_id("req"))
 
     async def stream(self, prepared: Prepared) -> AsyncIterator[GenerationDelta]:
-        """Engine deltas for one prompt; records TTFT, inter-token and e2e latency as they pass."""
+        """Engine deltas for one prompt, counted in flight (backpressure) and timed (metrics)."""
         model = prepared.variant.id
-        engine = prepared.variant.engine
         request = EngineRequest(prepared.request_id, prepared.prompt_token_ids, prepared.options)
-        start = last = time.perf_counter()
-        first = True
-        generated = 0
         self.metrics.prompt_tokens.labels(model_name=model).inc(len(prepared.prompt_token_ids))
-        async for delta in engine.generate(request):
-            now = time.perf_counter()
-            if first:
-                self.metrics.ttft.labels(model_name=model).observe(now - start)
-                first = False
-            elif delta.token_count:
-                self.metrics.itl.labels(model_name=model).observe((now - last) / delta.token_count)
-            if delta.queued_s is not None:
-                self.metrics.queue_time.labels(model_name=model).observe(delta.queued_s)
-            last = now
-            generated += delta.token_count
-            if delta.finish_reason:
-                self.metrics.finished.labels(model_name=model, finished_reason=delta.finish_reason).inc()
-            yield delta
-        self.metrics.generation_tokens.labels(model_name=model).inc(generated)
-        self.metrics.e2e.labels(model_name=model).observe(time.perf_counter() - start)
+        self.in_flight[model] = self.in_flight.get(model, 0) + 1
+        try:
+            # aclosing: a client that goes away closes this stream, and with it the engine's at once
+            # (the engine's finally aborts the request and frees its batch slot).
+            async with aclosing(self._timed(model, prepared.variant.engine.generate(request))) as deltas:
+                async for delta in deltas:
+                    yield delta
+        finally:
+            self.in_flight[model] -= 1
+
+    async def _timed(self, model: str, deltas: AsyncIterator[GenerationDelta]) -> AsyncIterator[GenerationDelta]:
+        """Pass deltas through, recording TTFT, inter-token, queue and e2e latency and token counts."""
+        start = last = time.perf_counter()
+        first, generated = True, 0
+        try:
+            async with aclosing(deltas):
+                async for delta in deltas:
+                    now = time.perf_counter()
+                    if first:
+                        self.metrics.ttft.labels(model_name=model).observe(now - start)
+                        first = False
+                    elif delta.token_count:
+                        self.metrics.itl.labels(model_name=model).observe((now - last) / delta.token_count)
+                    if delta.queued_s is not None:
+                        self.metrics.queue_time.labels(model_name=model).observe(delta.queued_s)
+                    last = now
+                    generated += delta.token_count
+                    if delta.finish_reason:
+                        self.metrics.finished.labels(model_name=model, finished_reason=delta.finish_reason).inc()
+                    yield delta
+            self.metrics.e2e.labels(model_name=model).observe(time.perf_counter() - start)
+        finally:  # tokens of abandoned requests were generated too
+            self.metrics.generation_tokens.labels(model_name=model).inc(generated)
 
     async def collect(self, prepared: Prepared) -> tuple[list[str], list[str | None], int]:
         """Run to completion: texts and finish reasons per choice, and the generated token count."""

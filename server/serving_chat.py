@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from steerserve.attributes import resolve_attributes
 from steerserve.server.errors import APIError, sse_error_frame
@@ -129,16 +130,17 @@ class CompletionService:
                 for index in range(prepared.options.n)
             ]
             yield sse(ChatCompletionChunk(**base, **steered, choices=roles))
-            async for delta in self.generator.stream(prepared):
-                tokens += delta.token_count
-                if not delta.text and not delta.finish_reason:
-                    continue
-                choice = ChatCompletionStreamChoice(
-                    index=delta.index,
-                    delta=DeltaMessage(content=delta.text) if delta.text else DeltaMessage(),
-                    finish_reason=delta.finish_reason,
-                )
-                yield sse(ChatCompletionChunk(**base, choices=[choice]))
+            async with aclosing(self.generator.stream(prepared)) as deltas:  # closed at once on disconnect
+                async for delta in deltas:
+                    tokens += delta.token_count
+                    if not delta.text and not delta.finish_reason:
+                        continue
+                    choice = ChatCompletionStreamChoice(
+                        index=delta.index,
+                        delta=DeltaMessage(content=delta.text) if delta.text else DeltaMessage(),
+                        finish_reason=delta.finish_reason,
+                    )
+                    yield sse(ChatCompletionChunk(**base, choices=[choice]))
             if request.stream_options and request.stream_options.include_usage:
                 final = UsageInfo.of(len(prepared.prompt_token_ids), tokens)
                 yield sse(ChatCompletionChunk(**base, choices=[], usage=final))

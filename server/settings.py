@@ -64,6 +64,10 @@ class ServerSettings(BaseSettings):
     """max_tokens when a request gives none (capped by what the context leaves)."""
     max_tokens_limit: int = 4096
     """Largest max_tokens a request may ask for."""
+    max_queue: int = 128
+    """Requests a variant holds waiting beyond its batch (max_num_seqs); past it: 429 + Retry-After."""
+    shutdown_grace_s: float = 30.0
+    """On SIGTERM: stop accepting, let in-flight requests finish this long, then abort the rest."""
     cache_dir: Path = Path.home() / ".cache" / "steerserve"
     """Where the default model's converted checkpoint lives."""
     log_level: str = "info"

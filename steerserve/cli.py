@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -60,7 +61,17 @@ def serve(argv: list[str]) -> int:
         settings = settings.model_copy(update={"models": [VariantSpec(path="default")]})
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    # SIGTERM: uvicorn stops accepting and waits up to the grace period for in-flight requests;
+    # the app's lifespan then aborts whatever still runs and shuts the engines down. uvicorn
+    # re-raises the signal once done; this handler receives it, so a drained server exits 0.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=settings.shutdown_grace_s,
+    )
     return 0
 
 
@@ -70,9 +81,31 @@ def train(argv: list[str]) -> int:
     return train_main(argv)
 
 
+def _client_command(module: str) -> Callable[[list[str]], int]:
+    """A subcommand whose ``main(argv)`` lives in ``module``, imported only when it runs."""
+
+    def run(argv: list[str]) -> int:
+        import importlib
+
+        return importlib.import_module(module).main(argv)
+
+    return run
+
+
+def quantize(argv: list[str]) -> int:
+    from steerserve.training.quantize.cli import main as quantize_main
+
+    return quantize_main(argv)
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "serve": serve,
     "train": train,
+    "quantize": quantize,
+    "chat": _client_command("steerserve.clients.chat_cli"),
+    "mcq": _client_command("steerserve.clients.mcq_cli"),
+    "load": _client_command("steerserve.clients.loadgen.cli"),
+    "bench": _client_command("steerserve.benchmarks.cli"),
 }
 
 

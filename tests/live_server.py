@@ -68,5 +68,5 @@ def serve_models(models: dict[str, Path], engine: str, **settings: object):
     from steerserve.server.settings import ServerSettings, VariantSpec
 
     specs = [VariantSpec(path=str(path), name=name) for name, path in models.items()]
-    config = ServerSettings(models=specs, engine=engine, max_model_len=512, kv_cache_gib=1, **settings)
+    config = ServerSettings(models=specs, engine=engine, **{"max_model_len": 512, "kv_cache_gib": 1, **settings})
     return LiveServer(create_app(config))

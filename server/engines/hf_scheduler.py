@@ -210,13 +210,14 @@ def sample_tokens(logits: torch.Tensor, seqs: Seq[Sequence]) -> list[int]:
     tokens = []
     for row, seq in enumerate(seqs):
         opts = seq.options
-        if opts.temperature <= 0:
+        if opts.temperature < 1e-5:  # as vLLM: dividing by a denormal temperature would overflow
             tokens.append(greedy[row])
             continue
         probs = torch.softmax(logits[row] / opts.temperature, dim=-1)
         if opts.top_p < 1.0:
             sorted_p, order = probs.sort(descending=True, stable=True)
-            keep = (sorted_p.cumsum(-1) - sorted_p) < opts.top_p  # the top token always survives
+            keep = (sorted_p.cumsum(-1) - sorted_p) < opts.top_p
+            keep[0] = True  # the top token always survives, even a top_p that rounds to 0 in float32
             choice = torch.multinomial(sorted_p * keep, 1, generator=seq.generator)
             tokens.append(int(order[choice]))
         else:
