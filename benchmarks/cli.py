@@ -1,0 +1,87 @@
+"""``steerserve bench``: run benchmarks against served variants; JSON, markdown and a PNG per benchmark.
+
+    steerserve bench all --quick --output results/bench            # the default model's variants, < 2 min each
+    steerserve bench steerability --url http://127.0.0.1:8000 --model steer:bf16
+
+Without ``--url`` each ``--variant`` spec (default: the default model on vLLM
+and on transformers) is started as its own ``steerserve serve`` process, once
+for all selected benchmarks, then stopped; references run after the last server.
+A ``SUMMARY.md`` gathers every table of the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+logger = logging.getLogger(__name__)
+BENCHMARKS = ("latency_memory", "steerability", "mcq")
+
+
+def _modules() -> dict[str, ModuleType]:
+    from steerserve.benchmarks import latency_memory, mcq_accuracy, steerability
+
+    return {m.NAME: m for m in (latency_memory, steerability, mcq_accuracy)}
+
+
+def _parser(modules: dict[str, ModuleType]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="steerserve bench", description=__doc__.splitlines()[0])
+    parser.add_argument("name", choices=[*BENCHMARKS, "all"], help="which benchmark (all: every one)")
+    parser.add_argument("--quick", action="store_true", help="small sizes for CI smoke tests (< 2 min each)")
+    parser.add_argument("--output", type=Path, default=Path("results/bench"), help="results folder")
+    parser.add_argument("--url", help="measure this running server (loopback) instead of starting variants")
+    parser.add_argument("--model", action="append", default=[], help="with --url: model ids (default: all)")
+    parser.add_argument("--variant", action="append", default=[],
+                        help="a 'steerserve serve --model' spec to start (repeat); default: the default model "
+                             "on vllm and on transformers")
+    parser.add_argument("--server-arg", action="append", default=[], help="extra flag for started servers")
+    for module in modules.values():
+        module.add_arguments(parser)
+    return parser
+
+
+def run(args: argparse.Namespace, modules: dict[str, ModuleType]) -> dict[str, dict[str, Path]]:
+    """Measure every target with every selected benchmark, then write each benchmark's three files."""
+    from steerserve.benchmarks.report import environment, write_outputs
+    from steerserve.benchmarks.servers import iterate_targets
+
+    selected = list(modules) if args.name == "all" else [args.name]
+    results: dict[str, dict[str, Any]] = {name: {} for name in selected}
+    targets = []
+    start = time.perf_counter()
+    for target in iterate_targets(args.url, args.model, args.variant, args.server_arg):
+        targets.append(target)
+        for name in selected:
+            logger.info("%s on %s", name, target.label)
+            results[name][target.label] = modules[name].measure(target, args)
+    refs = modules["latency_memory"].references(targets, args) if "latency_memory" in selected else {}
+    written = {}
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if not k.startswith("_")}
+    for name in selected:
+        payload, markdown, fig = modules[name].finish(results[name], refs if name == "latency_memory" else {}, args)
+        payload.update(config=config, environment=environment(), seconds=time.perf_counter() - start)
+        written[name] = write_outputs(args.output, name, payload, f"## {name}\n\n{markdown}", fig)
+    return written
+
+
+def main(argv: list[str]) -> int:
+    modules = _modules()
+    args = _parser(modules).parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per /metrics scrape otherwise
+    written = run(args, modules)
+    summary = "\n".join(paths["markdown"].read_text() for paths in written.values())
+    (args.output / "SUMMARY.md").write_text(summary)
+    print(summary)
+    for name, paths in written.items():
+        print(f"{name}: " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

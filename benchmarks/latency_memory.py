@@ -1,0 +1,138 @@
+"""Latency and memory per variant over HTTP, as ratios to reference runtimes measured in the same run.
+
+    steerserve bench latency_memory --variant default --variant default,engine=transformers --output results/bench
+
+Per variant: single-stream tokens/s (and decode-only tokens/s after the first
+token), TTFT, total tokens/s with N concurrent streams, weight bytes and peak
+process-tree RSS (sampled from ``/metrics`` during the run). References, run
+after the servers have stopped so nothing shares the cores: HF ``generate`` on
+the same checkpoint, and llama.cpp on the default model's GGUF when installed.
+Every request forces exactly ``--max-tokens`` tokens (``ignore_eos``), greedy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from typing import Any
+
+import httpx
+
+from steerserve.benchmarks.report import figure, markdown_table
+from steerserve.benchmarks.servers import BenchTarget, MemorySampler
+from steerserve.clients.loadgen.runner import PlannedRequest, RequestRecord, Target, send
+
+NAME = "latency_memory"
+PROMPT = "Explain how a refrigerator keeps food cold, step by step."
+MiB = 1024 * 1024
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("latency_memory")
+    group.add_argument("--max-tokens", type=int, help="tokens per request (default 128; quick 16)")
+    group.add_argument("--concurrency", type=int, help="concurrent streams for the batched figure (default 8; quick 4)")
+    group.add_argument("--repeats", type=int, help="single-stream repetitions (default 3; quick 1)")
+    group.add_argument("--no-references", action="store_true", help="skip HF generate / llama.cpp")
+
+
+def sizes(args: argparse.Namespace) -> tuple[int, int, int]:
+    """(max_tokens, concurrency, repeats): flags, else the quick or full defaults."""
+    quick = (16, 4, 1) if args.quick else (128, 8, 3)
+    return (args.max_tokens or quick[0], args.concurrency or quick[1], args.repeats or quick[2])
+
+
+async def _streams(target: BenchTarget, max_tokens: int, concurrency: int, repeats: int) -> dict[str, Any]:
+    """Warm-up, ``repeats`` single streams one after another, then ``concurrency`` streams at once."""
+    where = Target(model=target.model, url=target.url)
+
+    def plan(i: int, tokens: int) -> tuple[PlannedRequest, RequestRecord]:
+        return PlannedRequest(i, where, PROMPT, None, tokens, ignore_eos=True), RequestRecord(i, target.label, None)
+
+    async def one(http: httpx.AsyncClient, tokens: int) -> RequestRecord:
+        request, record = plan(0, tokens)
+        await send(http, request, record)
+        if not record.success:
+            raise RuntimeError(f"{target.label}: {record.error}")
+        return record
+
+    async with httpx.AsyncClient(timeout=600) as http:
+        await one(http, 4)
+        singles = [await one(http, max_tokens) for _ in range(repeats)]
+        start = time.perf_counter()
+        batch = await asyncio.gather(*(one(http, max_tokens) for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    return {
+        "single_tokens_per_s": sum(r.output_tokens for r in singles) / sum(r.e2e or 0 for r in singles),
+        "single_decode_tokens_per_s": sum((r.output_tokens - 1) / ((r.e2e or 0) - (r.ttft or 0)) for r in singles)
+        / len(singles),
+        "ttft_s": sum(r.ttft or 0 for r in singles) / len(singles),
+        "batched_tokens_per_s": sum(r.output_tokens for r in batch) / wall,
+        "batched_ttft_p50_s": sorted(r.ttft or 0 for r in batch)[len(batch) // 2],
+        "concurrency": concurrency,
+    }
+
+
+def measure(target: BenchTarget, args: argparse.Namespace) -> dict[str, Any]:
+    """One variant's numbers, with memory sampled from its server while the streams run."""
+    max_tokens, concurrency, repeats = sizes(args)
+    with MemorySampler(target.url, target.model) as memory:
+        result = asyncio.run(_streams(target, max_tokens, concurrency, repeats))
+    return {**result, "weight_bytes": memory.weight_bytes, "peak_rss_bytes": memory.peak_rss_bytes,
+            "engine": target.engine, "precision": target.precision, "max_tokens": max_tokens}
+
+
+def references(targets: list[BenchTarget], args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """HF generate on each distinct checkpoint, llama.cpp on the default GGUF (if the default model is among them)."""
+    from steerserve.benchmarks.references import run_reference
+
+    if args.no_references:
+        return {}
+    max_tokens, concurrency, repeats = sizes(args)
+    common = {"prompt": PROMPT, "max_tokens": max_tokens, "concurrency": concurrency, "repeats": repeats}
+    results = {}
+    roots = list(dict.fromkeys(t.root for t in targets))
+    for root in roots:
+        name = "hf-generate" if len(roots) == 1 else f"hf-generate ({root})"
+        results[name] = run_reference("hf-generate", root, **common)
+    if any(_is_default(t) for t in targets):
+        from steerserve.default_model import find_gguf
+
+        results["llama.cpp (Q4_1 GGUF)"] = run_reference("llama.cpp", str(find_gguf()), **common)
+    return results
+
+
+def _is_default(target: BenchTarget) -> bool:
+    from steerserve.default_model import DEFAULT_MODEL_NAME
+
+    return target.model.startswith(DEFAULT_MODEL_NAME + ":")
+
+
+def _row(name: str, r: dict[str, Any], base: float | None) -> list[Any]:
+    if "skipped" in r:
+        return [name, f"skipped: {r['skipped']}", "", "", "", "", "", ""]
+    ratio = r["single_tokens_per_s"] / base if base else None
+    batched = f"{r['batched_tokens_per_s']:.1f} (N={r['concurrency']})" if r.get("batched_tokens_per_s") else "—"
+    return [name, r["single_tokens_per_s"], r["single_decode_tokens_per_s"], r["ttft_s"] * 1000, batched,
+            (r["weight_bytes"] or 0) / MiB, r["peak_rss_bytes"] / MiB, f"{ratio:.2f}x" if ratio else "—"]
+
+
+def finish(results: dict[str, dict[str, Any]], refs: dict[str, dict[str, Any]],
+           args: argparse.Namespace) -> tuple[dict[str, Any], str, Any]:
+    """Table (ratios to the first HF reference) and a bar plot of single-stream and batched tokens/s."""
+    base = next((r["single_tokens_per_s"] for r in refs.values() if "skipped" not in r), None)
+    rows = [_row(name, r, base) for name, r in {**results, **refs}.items()]
+    table = markdown_table(["runtime", "single tok/s", "decode tok/s", "TTFT ms", "batched tok/s", "weights MiB",
+                            "peak RSS MiB", "single vs HF generate"], rows)
+    max_tokens, concurrency, _ = sizes(args)
+    note = (f"{max_tokens} tokens per request (greedy, EOS ignored); peak RSS of the server's process tree "
+            f"(references: of their own process).\n\n")
+    fig, axes = figure(2, width=5.5)
+    measured = {k: v for k, v in {**results, **refs}.items() if "skipped" not in v}
+    for ax, key, title in ((axes[0][0], "single_tokens_per_s", "single stream tok/s"),
+                           (axes[0][1], "batched_tokens_per_s", f"{concurrency} streams, total tok/s")):
+        names = [k for k, v in measured.items() if v.get(key)]
+        ax.barh(names, [measured[k][key] for k in names], color="tab:blue")
+        ax.set_title(title)
+        ax.invert_yaxis()
+    return {"variants": results, "references": refs}, note + table, fig

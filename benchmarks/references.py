@@ -1,0 +1,124 @@
+"""Reference runtimes on the same weights, each in a fresh subprocess so its peak RSS is its own.
+
+    result = run_reference("hf-generate", path, prompt="Hi", max_tokens=64, concurrency=8, repeats=3)
+    python -m steerserve.benchmarks.references hf-generate CHECKPOINT --max-tokens 64   # prints JSON
+
+``hf-generate``: transformers ``generate`` (greedy, bf16) on the served
+checkpoint. ``llama.cpp``: llama-cpp-python on the default model's GGUF (the
+file the bf16 checkpoint was dequantized from), single stream only; skipped
+with a note when llama-cpp-python is not installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def hf_generate(path: str, prompt: str, max_tokens: int, concurrency: int, repeats: int) -> dict[str, Any]:
+    """Single-stream and batched tokens/s of ``generate``; TTFT = one-token generate (prefill)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    messages = [{"role": "user", "content": prompt}]
+    text = (tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            if tokenizer.chat_template else prompt)
+
+    def run(batch: int, tokens: int) -> float:
+        inputs = tokenizer([text] * batch, return_tensors="pt", add_special_tokens=False)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                           pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+        return time.perf_counter() - start
+
+    run(1, 4)  # warm-up
+    singles = [run(1, max_tokens) for _ in range(repeats)]
+    ttft = sum(run(1, 1) for _ in range(repeats)) / repeats
+    single = max_tokens * repeats / sum(singles)
+    return {"single_tokens_per_s": single, "single_decode_tokens_per_s": (max_tokens - 1) / (sum(singles) / repeats - ttft),
+            "ttft_s": ttft, "batched_tokens_per_s": concurrency * max_tokens / run(concurrency, max_tokens),
+            "concurrency": concurrency, "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+            "peak_rss_bytes": _peak_rss_bytes(), "source": path}
+
+
+def llama_cpp(gguf: str, prompt: str, max_tokens: int, repeats: int) -> dict[str, Any]:
+    """Greedy decoding of exactly ``max_tokens`` tokens (EOS ignored, like the servers' ``ignore_eos``)."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=gguf, n_ctx=1024, n_threads=os.cpu_count(), verbose=False)
+    tokens = llm.tokenize(f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n".encode(), special=True)
+
+    def run() -> tuple[float, float]:
+        llm.reset()
+        start = time.perf_counter()
+        first = None
+        for count, _ in enumerate(llm.generate(tokens, temp=0.0, reset=True), start=1):
+            first = first or time.perf_counter()
+            if count == max_tokens:
+                break
+        end = time.perf_counter()
+        return end - start, (first or end) - start
+
+    run()  # warm-up
+    timings = [run() for _ in range(repeats)]
+    seconds, ttft = sum(t for t, _ in timings) / repeats, sum(f for _, f in timings) / repeats
+    return {"single_tokens_per_s": max_tokens / seconds, "single_decode_tokens_per_s": (max_tokens - 1) / (seconds - ttft),
+            "ttft_s": ttft, "batched_tokens_per_s": None, "concurrency": None,
+            "weight_bytes": Path(gguf).stat().st_size, "peak_rss_bytes": _peak_rss_bytes(), "source": gguf}
+
+
+def available(kind: str) -> str | None:
+    """None when ``kind`` can run here, else why not."""
+    if kind == "llama.cpp" and importlib.util.find_spec("llama_cpp") is None:
+        return "llama-cpp-python is not installed (pip install llama-cpp-python)"
+    return None
+
+
+def run_reference(kind: str, source: str, *, prompt: str, max_tokens: int, concurrency: int, repeats: int,
+                  timeout: float = 900) -> dict[str, Any]:
+    """Run one reference in a child process and return its JSON (or ``{"skipped": why}``)."""
+    why = available(kind)
+    if why:
+        return {"skipped": why}
+    command = [sys.executable, "-m", "steerserve.benchmarks.references", kind, source, "--prompt", prompt,
+               "--max-tokens", str(max_tokens), "--concurrency", str(concurrency), "--repeats", str(repeats)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        return {"skipped": f"failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("kind", choices=["hf-generate", "llama.cpp"])
+    parser.add_argument("source", help="checkpoint folder (hf-generate) or GGUF file (llama.cpp)")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    if args.kind == "hf-generate":
+        result = hf_generate(args.source, args.prompt, args.max_tokens, args.concurrency, args.repeats)
+    else:
+        result = llama_cpp(args.source, args.prompt, args.max_tokens, args.repeats)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Each benchmark in --quick mode on the tiny model: JSON + markdown + a real PNG, on a started or a given server."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from steerserve.benchmarks.cli import main
+from steerserve.benchmarks.measures import chars, fk_grade, ranks, spearman
+from steerserve.benchmarks.servers import parse_metrics
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _outputs(folder: Path, name: str) -> dict:
+    assert (folder / f"{name}.png").read_bytes()[:8] == PNG_MAGIC
+    assert "| variant |" in (folder / f"{name}.md").read_text() or "| runtime |" in (folder / f"{name}.md").read_text()
+    return json.loads((folder / f"{name}.json").read_text())
+
+
+@pytest.fixture
+def data_files(tmp_path: Path) -> tuple[Path, Path]:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Describe the number {i}."}) + "\n" for i in range(3)))
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text("".join(json.dumps({"question": f"Q{i}?", "choices": ["a", "b", "c", "d"], "answer": i % 4})
+                                 + "\n" for i in range(6)))
+    return prompts, questions
+
+
+def test_all_benchmarks_on_a_started_server(tiny_model_dir: Path, tmp_path: Path, data_files) -> None:
+    prompts, questions = data_files
+    out = tmp_path / "results"
+    code = main(["all", "--quick", "--output", str(out), "--variant", f"{tiny_model_dir},name=tiny,engine=transformers",
+                 "--server-arg=--max-model-len=512", "--prompts", str(prompts),
+                 "--mcq-set", f"mine={questions}:mcq", "--mcq-set", f"again={questions}", "--max-tokens", "8"])
+    assert code == 0
+    latency = _outputs(out, "latency_memory")
+    served = latency["variants"]["tiny:bf16 (transformers)"]
+    assert served["single_tokens_per_s"] > 0 and served["batched_tokens_per_s"] > 0 and served["ttft_s"] > 0
+    assert served["weight_bytes"] > 100_000 and served["peak_rss_bytes"] > served["weight_bytes"]
+    reference = next(v for k, v in latency["references"].items() if k.startswith("hf-generate"))
+    assert reference["single_tokens_per_s"] > 0 and reference["peak_rss_bytes"] > 0
+    steer = _outputs(out, "steerability")["variants"]["tiny:bf16 (transformers)"]
+    assert set(steer["summary"]) == {"verbosity", "complexity"} and len(steer["answers"]) == 2 * 5 * 2
+    mcq = _outputs(out, "mcq")["variants"]["tiny:bf16 (transformers)"]
+    assert mcq["mine"]["total"] == 6 and 0 <= mcq["mine"]["accuracy"] <= 1 and mcq["again"] == {**mcq["mine"],
+                                                                                                 "seconds": mcq["again"]["seconds"]}
+    summary = (out / "SUMMARY.md").read_text()
+    assert "## latency_memory" in summary and "## steerability" in summary and "paper (HelpSteer)" in summary
+
+
+def test_steerability_on_a_given_server(bench_server, tmp_path: Path, data_files) -> None:
+    prompts, _ = data_files
+    assert main(["steerability", "--quick", "--url", bench_server.url, "--output", str(tmp_path),
+                 "--prompts", str(prompts), "--num-prompts", "1", "--answer-tokens", "8"]) == 0
+    result = _outputs(tmp_path, "steerability")
+    summary = result["variants"]["tiny:bf16 (transformers)"]["summary"]
+    assert set(summary["verbosity"]["chars"]) == {"0", "1", "2", "3", "4"}
+    assert result["paper"]["verbosity"]["chars"] == {"0": 422.0, "4": 1125.0}
+
+
+def test_measures() -> None:
+    assert chars("  Hello.\n") == 6
+    assert fk_grade("The cat sat on the mat.") < fk_grade(
+        "Photosynthesis converts electromagnetic radiation into chemical energy through chlorophyll.")
+    assert math.isnan(fk_grade("   "))
+    assert ranks([3, 1, 3]) == [2.5, 1.0, 2.5]
+    assert spearman([0, 1, 2, 3], [1, 2, 3, 4]) == pytest.approx(1.0)
+    assert spearman([0, 0, 1, 1, 2], [3, 1, 4, 1, 5]) == pytest.approx(0.6488856845)  # scipy.stats.spearmanr
+    assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
+
+
+def test_parse_metrics() -> None:
+    text = ('# HELP x\nsteerserve:process_tree_resident_memory_bytes 1.5e+08\n'
+            'steerserve:model_weight_bytes{model_name="a:bf16",precision="bf16",engine="vllm"} 2.0e+06\n')
+    samples = parse_metrics(text)
+    assert samples["steerserve:process_tree_resident_memory_bytes"] == [("", 1.5e8)]
+    assert samples["steerserve:model_weight_bytes"][0][1] == 2e6

@@ -1,0 +1,15 @@
+"""One real server for the client tests: two tiny variants on the transformers engine (starts in a second)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from live_server import LiveServer, serve_models
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_model_dir: Path, tiny_raw_model_dir: Path) -> Iterator[LiveServer]:
+    with serve_models({"tiny": tiny_model_dir, "tiny-raw": tiny_raw_model_dir}, "transformers") as live:
+        yield live
