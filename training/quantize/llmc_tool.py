@@ -1,0 +1,42 @@
+"""Runs inside the llm-compressor tool environment (not the serving one): calibrate, quantize, save.
+
+    ~/.cache/steerserve/tools/llmcompressor-venv/bin/python llmc_tool.py SPEC.json
+
+Standalone on purpose: that environment has llm-compressor and its own transformers, not steerserve.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def recipe(scheme: str) -> list[Any]:
+    """W4A16: GPTQ on the weights. W8A8: SmoothQuant moves activation outliers into weights first."""
+    from llmcompressor.modifiers.quantization import GPTQModifier
+    from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
+
+    gptq = GPTQModifier(targets="Linear", scheme=scheme, ignore=["lm_head"])
+    return [SmoothQuantModifier(smoothing_strength=0.8), gptq] if scheme == "W8A8" else [gptq]
+
+
+def main(spec: dict[str, Any]) -> None:
+    import torch
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(spec["seed"])
+    tokenizer = AutoTokenizer.from_pretrained(spec["source"])
+    model = AutoModelForCausalLM.from_pretrained(spec["source"], dtype=torch.bfloat16)
+    rows = [tokenizer(t, truncation=True, max_length=spec["max_tokens"]) for t in spec["texts"]]
+    dataset = Dataset.from_list([{"input_ids": r["input_ids"], "attention_mask": r["attention_mask"]} for r in rows])
+    oneshot(model=model, dataset=dataset, recipe=recipe(spec["scheme"]), max_seq_length=spec["max_tokens"],
+            num_calibration_samples=len(rows))
+    model.save_pretrained(spec["output"], save_compressed=True)
+
+
+if __name__ == "__main__":
+    main(json.loads(Path(sys.argv[1]).read_text()))
