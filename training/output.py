@@ -86,11 +86,21 @@ class RunDir:
         shutil.rmtree(self.work)
 
     def last_checkpoint(self) -> str | None:
-        """The newest ``checkpoint-N`` to resume from, if any."""
+        """The newest intact ``checkpoint-N`` to resume from, if any.
+
+        A crash during a save leaves a half-written checkpoint: it is reported and skipped,
+        so the run resumes from the one before instead of failing deep inside the trainer.
+        """
         if not self.checkpoints.is_dir():
             return None
         found = [p for p in self.checkpoints.iterdir() if p.name.startswith("checkpoint-") and p.name[11:].isdigit()]
-        return str(max(found, key=lambda p: int(p.name[11:]))) if found else None
+        for path in sorted(found, key=lambda p: int(p.name[11:]), reverse=True):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return str(path)
+            logger.warning("skipping damaged checkpoint %s: %s", path, problem)
+        return None
+
 
     def commit(self, manifest: dict[str, Any], keep_checkpoints: bool = False) -> Path:
         """Write the manifest last, then swap the work dir into place (an old finished dir is removed after)."""
@@ -107,3 +117,26 @@ class RunDir:
             shutil.rmtree(old)
         logger.info("wrote %s", self.final)
         return self.final
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a trainer checkpoint cannot be resumed from (None when it is intact)."""
+    from safetensors import safe_open
+
+    state = path / "trainer_state.json"
+    if not state.is_file():
+        return "no trainer_state.json (the save did not finish)"
+    try:
+        json.loads(state.read_text())
+    except ValueError as exc:
+        return f"trainer_state.json is not valid JSON ({exc})"
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        return "no *.safetensors weights"
+    for weight in weights:
+        try:
+            with safe_open(str(weight), framework="pt") as handle:  # checks the header covers the whole file
+                handle.keys()
+        except Exception as exc:  # safetensors raises several types for a damaged file
+            return f"{weight.name} is unreadable ({type(exc).__name__}: {exc})"
+    return None

@@ -15,7 +15,7 @@ from steerserve.training.cli import RECIPE_DIR, RECIPES, main
 from steerserve.training.config import PROJECT_ROOT, ConfigError, load_config
 from steerserve.training.dpo import DPORecipeConfig
 from steerserve.training.manifest import is_complete, read_manifest
-from steerserve.training.output import OutputExists
+from steerserve.training.output import OutputExists, checkpoint_problem
 
 # ---- config ------------------------------------------------------------------
 
@@ -112,6 +112,29 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(tmp_path: Path, tiny_m
     steps = [json.loads(line)["step"] for line in (out / "logs/train_log.jsonl").read_text().splitlines()]
     assert steps[:4] == [1, 2, 3, 4] and steps.count(2) == 1  # resumed at checkpoint-2, not from scratch
     assert not (out / "checkpoints").exists() and not partial.exists()
+
+
+def test_damaged_last_checkpoint_is_skipped_not_trusted(tmp_path: Path, tiny_model_dir: Path,
+                                                         mcq_file: Path) -> None:
+    from transformers import TrainerCallback
+
+    class Crash(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003
+            if state.global_step == 5:
+                raise KeyboardInterrupt
+
+    settings = [*sft_settings(tiny_model_dir, mcq_file), "max_steps=6"]
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe("sft", tmp_path / "run", settings, callbacks=(Crash(),))
+    checkpoints = tmp_path / ".run.partial" / "checkpoints"
+    weights = checkpoints / "checkpoint-4" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a save cut short
+    assert "unreadable" in checkpoint_problem(checkpoints / "checkpoint-4")
+    assert checkpoint_problem(checkpoints / "checkpoint-2") is None
+    out = run_recipe("sft", tmp_path / "run", settings)
+    steps = [json.loads(line)["step"] for line in (out / "logs/train_log.jsonl").read_text().splitlines()]
+    assert read_manifest(out)["steps"] == 6
+    assert steps.count(3) == 2 and steps.count(2) == 1  # resumed at checkpoint-2: no finished step before it redone
 
 
 def test_force_discards_a_partial_run_with_other_settings(tmp_path: Path, tiny_model_dir: Path,
