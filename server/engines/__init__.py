@@ -13,6 +13,7 @@ from steerserve.server.engines.base import Engine
 ENGINES: dict[str, str] = {
     "vllm": "steerserve.server.engines.vllm_engine:VLLMEngine",
     "transformers": "steerserve.server.engines.hf_engine:TransformersEngine",
+    "llama.cpp": "steerserve.server.engines.llamacpp_engine:LlamaCppEngine",
 }
 
 

@@ -85,7 +85,7 @@ def test_sigterm_finishes_in_flight_requests_and_exits_zero(tiny_model_dir: Path
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "steerserve.cli", "serve", "--model", f"{tiny_model_dir},name=tiny",
                "--engine", "transformers", "--port", str(port), "--log-level", "warning"]
-    process = subprocess.Popen(command, env={**os.environ, "STEERSERVE_SHUTDOWN_GRACE_S": "20"})
+    process = subprocess.Popen(command, env={**os.environ, "STEERSERVE_SHUTDOWN_GRACE_S": "60"})
     try:
         assert wait_for(lambda: _healthy(url), timeout=120), "server did not start"
         body = {**LONG, "max_tokens": 400, "stream": True}
