@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from steerserve.attributes import ATTRIBUTE_NAMES, format_attributes
-from steerserve.training import runner
+from steerserve.training import distributed, runner
 from steerserve.training.apm import attribute_metrics, load_apm, predict
 from steerserve.training.config import DEFAULT_MODEL, TINY_MODELS, CommonConfig, ConfigError, option
 from steerserve.training.data.attribute_rows import FORMATS, load_attribute_rows, to_level
@@ -110,6 +110,8 @@ def agreement(out: Path, rows: list[dict[str, Any]], names: list[str]) -> dict[s
 def run(config: AnnotateConfig, output: Path, force: bool = False,
         callbacks: Sequence[Callable[[int], None]] = ()) -> Path:
     """Annotate every usable row (``callbacks`` get the count after each batch); returns the output dir."""
+    if distributed.world_size() > 1:  # every rank would label every row into the same file
+        raise ValueError("annotate runs in one process: start it without accelerate launch / torchrun")
     run_dir, base, base_name = runner.start(RECIPE, config, output, force)
     work = run_dir.work
     model, tokenizer, names = _load_model(config, base)

@@ -18,6 +18,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from steerserve.training import distributed
+
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
@@ -58,7 +60,13 @@ class RunDir:
         return self.work / CHECKPOINTS
 
     def prepare(self) -> Path:
-        """Check the destination, then create or reuse the work dir; returns it."""
+        """Check the destination, then create or reuse the work dir; returns it.
+
+        Under a multi-process launcher only rank 0 checks and creates; the others (run after it:
+        ``runner.start`` wraps this in ``main_process_first``) just use the same work dir.
+        """
+        if not distributed.is_main_process():
+            return self.work
         if self.final.exists() and any(self.final.iterdir()) and not self.force:
             what = "a finished run" if (self.final / MANIFEST).exists() else "files that are not a finished run"
             raise OutputExists(f"{self.final} holds {what}; pass --force to overwrite it")
@@ -103,7 +111,18 @@ class RunDir:
 
 
     def commit(self, manifest: dict[str, Any], keep_checkpoints: bool = False) -> Path:
-        """Write the manifest last, then swap the work dir into place (an old finished dir is removed after)."""
+        """Write the manifest last, then swap the work dir into place (an old finished dir is removed after).
+
+        Under a multi-process launcher every rank waits until all have finished writing into the work
+        dir, rank 0 alone commits, and the others return once the final dir is in place.
+        """
+        distributed.wait_for_everyone()
+        if distributed.is_main_process():
+            self._commit(manifest, keep_checkpoints)
+        distributed.wait_for_everyone()
+        return self.final
+
+    def _commit(self, manifest: dict[str, Any], keep_checkpoints: bool) -> None:
         if not keep_checkpoints and self.checkpoints.exists():
             shutil.rmtree(self.checkpoints)
         (self.work / RUN_FILE).unlink(missing_ok=True)
@@ -116,7 +135,6 @@ class RunDir:
         if old is not None:
             shutil.rmtree(old)
         logger.info("wrote %s", self.final)
-        return self.final
 
 
 def checkpoint_problem(path: Path) -> str | None:

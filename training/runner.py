@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from steerserve.prompts import STEERLM_STOP, SteeringMethod, render_chat
+from steerserve.training import distributed
 from steerserve.training.config import DEFAULT_MODEL, TINY_MODELS, BaseConfig, CommonConfig, LoraFields
 from steerserve.training.data.split import grouped_split, prompt_key
 from steerserve.training.output import RunDir
@@ -36,9 +37,14 @@ STEERING_CHOICES = ("auto", *(method.value for method in SteeringMethod))
 
 
 def start(recipe: str, config: CommonConfig, output: Path, force: bool) -> tuple[RunDir, str, str]:
-    """(run dir, base path, base name): the output checked and prepared, the base model at hand."""
+    """(run dir, base path, base name): the output checked and prepared, the base model at hand.
+
+    Under ``accelerate launch`` rank 0 goes first (checks the output, builds a tiny base or
+    converts the default model); the other ranks then find both ready instead of racing it.
+    """
     run_dir = RunDir(output, {"recipe": recipe, "config": config.to_dict()}, force)
-    base, base_name = materialize_base(config.model, run_dir.prepare())
+    with distributed.main_process_first():
+        base, base_name = materialize_base(config.model, run_dir.prepare())
     return run_dir, base, base_name
 
 
@@ -64,8 +70,9 @@ def materialize_base(model: str, work: Path) -> tuple[str, str]:
 
 
 def drop_base(work: Path) -> None:
-    """Remove a built tiny base before the work dir becomes the output."""
-    shutil.rmtree(work / BASE_DIR, ignore_errors=True)
+    """Remove a built tiny base before the work dir becomes the output (rank 0 alone under a launcher)."""
+    if distributed.is_main_process():
+        shutil.rmtree(work / BASE_DIR, ignore_errors=True)
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
@@ -203,6 +210,8 @@ def json_log_callback(path: Path) -> TrainerCallback:
 
     class JsonLog(TrainerCallback):
         def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+            if not state.is_world_process_zero:  # every rank logs; one copy of each line is enough
+                return
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "a") as handle:
                 handle.write(json.dumps({"step": state.global_step, **(logs or {})}) + "\n")
@@ -230,7 +239,16 @@ def train(trainer: Trainer, run_dir: RunDir) -> dict[str, Any]:
 
 
 def save_model(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, work: Path) -> None:
-    """The full checkpoint at ``work`` (servable); with LoRA also the adapter under ``work/adapter``."""
+    """The full checkpoint at ``work`` (servable); with LoRA also the adapter under ``work/adapter``.
+
+    Under a launcher rank 0 writes: with DDP every rank holds the same weights, so the others skip;
+    sharded runs (FSDP, DeepSpeed) go through ``save_sharded``, which needs every rank.
+    """
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        save_sharded(trainer, tokenizer, work)
+        return
+    if not distributed.is_main_process():
+        return
     model = trainer.model
     if hasattr(model, "merge_and_unload"):
         model.save_pretrained(work / "adapter")
@@ -238,6 +256,23 @@ def save_model(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, work: Path)
         model = model.merge_and_unload()
     model.save_pretrained(work)
     tokenizer.save_pretrained(work)
+
+
+def save_sharded(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, work: Path) -> None:
+    """FSDP / ZeRO-3: no rank holds the whole model, so every rank joins ``trainer.save_model``'s gather
+    (FULL_STATE_DICT / zero3_save_16bit_model in training/accelerate/) and rank 0 writes; a LoRA adapter
+    saved that way is then merged into its base on rank 0, as ``save_model`` does in one process."""
+    lora = hasattr(trainer.accelerator.unwrap_model(trainer.model), "merge_and_unload")
+    trainer.save_model(str(work / "adapter" if lora else work))
+    if not distributed.is_main_process():
+        return
+    tokenizer.save_pretrained(work)
+    if lora:
+        import torch
+        from peft import AutoPeftModelForCausalLM
+
+        merged = AutoPeftModelForCausalLM.from_pretrained(work / "adapter", dtype=torch.float32).merge_and_unload()
+        merged.save_pretrained(work)
 
 
 def finite_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
