@@ -18,7 +18,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from steerserve.benchmarks.measures import chars, fk_grade, mean, spearman
+from steerserve.measures import chars, fk_grade, mean, spearman
 from steerserve.benchmarks.report import figure, markdown_table
 from steerserve.benchmarks.servers import BenchTarget
 

@@ -15,6 +15,11 @@ Steering methods:
   models that have a template).
 * ``instructions`` - for models never attribute-conditioned: a plain-language
   system instruction per slider level.
+* ``described`` - ``chat-template``'s attribute line followed by its
+  plain-language description (the ``instructions`` text). Small models learn a
+  bare attribute line slowly; with the description the base model already half
+  follows the condition, and attribute-conditioned SFT on measured labels
+  sharpens that (the steered default model is trained this way).
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ class SteeringMethod(str, enum.Enum):
     STEERLM = "steerlm"
     CHAT_TEMPLATE = "chat-template"
     INSTRUCTIONS = "instructions"
+    DESCRIBED = "described"
 
 
 # Plain-language phrasing per level, for models that never saw an attribute line.
@@ -184,6 +190,9 @@ def render_chat(
         raise ValueError(f"steering method {method.value!r} needs the model's chat template")
     if method is SteeringMethod.CHAT_TEMPLATE:
         extra = f"{ATTRIBUTE_TURN}{format_attributes(attributes)}"
+        return apply_template(_with_system(messages, extra, first=False)) + assistant_prefix
+    if method is SteeringMethod.DESCRIBED:
+        extra = f"{ATTRIBUTE_TURN}{format_attributes(attributes)}\n{steering_instruction(attributes)}"
         return apply_template(_with_system(messages, extra, first=False)) + assistant_prefix
     return apply_template(_with_system(messages, steering_instruction(attributes), first=True)) + assistant_prefix
 

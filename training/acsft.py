@@ -29,7 +29,8 @@ from steerserve.training.sft import chat_example, finish, fit_prompt_completion
 logger = logging.getLogger(__name__)
 
 RECIPE = "acsft"
-CONDITIONED = ("auto", SteeringMethod.STEERLM.value, SteeringMethod.CHAT_TEMPLATE.value)
+CONDITIONED = ("auto", SteeringMethod.STEERLM.value, SteeringMethod.CHAT_TEMPLATE.value,
+               SteeringMethod.DESCRIBED.value)
 
 
 @dataclasses.dataclass
@@ -37,7 +38,7 @@ class ACSFTRecipeConfig(BaseConfig, LoraFields):
     """Attribute-conditioned SFT on attribute rows (formats: helpsteer incl. annotate's output, oasst)."""
 
     steering: str = option("auto", "Format trained and served: auto (chat-template with a chat template, else "
-                                   "steerlm), steerlm or chat-template.")
+                                   "steerlm), steerlm, chat-template or described.")
     learning_rate: float = option(2e-4, "Peak learning rate (linear decay).")
 
     def __post_init__(self) -> None:

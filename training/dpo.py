@@ -39,7 +39,7 @@ class DPORecipeConfig(BaseConfig, LoraFields):
     label_smoothing: float = option(0.0, "robust: assumed share of flipped preference labels, in [0, 0.5).")
     learning_rate: float = option(1e-6, "Peak learning rate (linear decay).")
     steering: str = option("auto", "Prompt format trained and served: auto (instructions with a chat template, "
-                                   "else steerlm), steerlm, chat-template or instructions.")
+                                   "else steerlm), steerlm, chat-template, instructions or described.")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -1,6 +1,6 @@
 """``manifest.json``: what a run was made from and what it measured.
 
-The server reads ``steering`` (``steerlm`` / ``chat-template`` / ``instructions``)
+The server reads ``steering`` (``steerlm`` / ``chat-template`` / ``instructions`` / ``described``)
 and ``servable``; people read the rest to know exactly which base model, data
 files (with hashes), hyper-parameters and commit produced a checkpoint::
 
@@ -21,7 +21,7 @@ from steerserve.training.data.io import LoadReport, data_files, file_sha256, is_
 
 REQUIRED_KEYS = ("base_model", "recipe", "data", "metrics", "hyperparameters", "steps", "git_commit",
                  "steering", "servable")
-STEERING_VALUES = ("steerlm", "chat-template", "instructions")
+STEERING_VALUES = ("steerlm", "chat-template", "instructions", "described")
 
 
 def git_commit() -> str | None:

@@ -38,7 +38,7 @@ class SFTRecipeConfig(BaseConfig, LoraFields):
     (sciq, aqua, mmlu, truthfulqa, mcq)."""
 
     steering: str = option("auto", "Prompt format trained and served: auto (instructions with a chat template, "
-                                   "else steerlm), steerlm, chat-template or instructions.")
+                                   "else steerlm), steerlm, chat-template, instructions or described.")
     mcq_explanations: bool = option(True, "MCQ targets include the rationale after the answer letter when the "
                                           "row has one.")
     learning_rate: float = option(2e-4, "Peak learning rate (linear decay).")

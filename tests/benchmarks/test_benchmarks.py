@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from steerserve.benchmarks.cli import main
-from steerserve.benchmarks.measures import chars, fk_grade, ranks, spearman
+from steerserve.measures import chars, fk_grade, ranks, spearman
 from steerserve.benchmarks.servers import parse_metrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

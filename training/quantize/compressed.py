@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from steerserve.precision import Precision
+from steerserve.training.quantize.gptq import group_size_for
 from steerserve.training.quantize.calibration import calibration_entry, calibration_texts
 from steerserve.training.quantize.methods import MethodResult, QuantizeJob, Unavailable, copy_tokenizer
 from steerserve.training.quantize.quality import run_tool
@@ -69,11 +70,13 @@ def quantize(job: QuantizeJob, work: Path) -> MethodResult:
     """Run llm-compressor's ``oneshot`` in the tool environment; writes a compressed-tensors checkpoint."""
     python = venv_python()
     scheme = SCHEMES[job.precision]
+    group = group_size_for(job.source) if job.precision is Precision.W4A16 else None
     texts = calibration_texts(job.calibration, job.calibration_samples)
     with tempfile.TemporaryDirectory(prefix="steerserve-llmc-") as tmp:
         spec = Path(tmp) / "spec.json"
         spec.write_text(json.dumps({"source": str(job.source), "output": str(work), "scheme": scheme,
-                                    "texts": texts, "max_tokens": job.calibration_max_tokens, "seed": job.seed}))
+                                    "group_size": group, "texts": texts,
+                                    "max_tokens": job.calibration_max_tokens, "seed": job.seed}))
         run_tool([str(python), str(TOOL), str(spec)], "llm-compressor oneshot")
     copy_tokenizer(job.source, work)
     smooth = job.precision is Precision.W8A8
@@ -82,6 +85,7 @@ def quantize(job: QuantizeJob, work: Path) -> MethodResult:
         libraries=_tool_versions(python),
         scorer="vllm",
         calibration=calibration_entry(job.calibration, len(texts), job.calibration_max_tokens),
-        settings={"scheme": scheme, "ignore": ["lm_head"], "smoothing_strength": 0.8 if smooth else None,
+        settings={"scheme": scheme, "group_size": group, "ignore": ["lm_head"],
+                  "smoothing_strength": 0.8 if smooth else None,
                   "tool_environment": str(venv_dir())},
     )

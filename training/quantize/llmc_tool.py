@@ -13,12 +13,22 @@ from pathlib import Path
 from typing import Any
 
 
-def recipe(scheme: str) -> list[Any]:
-    """W4A16: GPTQ on the weights. W8A8: SmoothQuant moves activation outliers into weights first."""
+def recipe(scheme: str, group_size: int | None = None) -> list[Any]:
+    """W4A16: GPTQ on the weights. W8A8: SmoothQuant moves activation outliers into weights first.
+
+    ``group_size`` replaces the preset's 128 for grouped schemes: 128 must divide every input width,
+    and small models (hidden size 576) need 64 or 32.
+    """
+    from compressed_tensors.quantization import preset_name_to_scheme
     from llmcompressor.modifiers.quantization import GPTQModifier
     from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
 
-    gptq = GPTQModifier(targets="Linear", scheme=scheme, ignore=["lm_head"])
+    if group_size and scheme == "W4A16":
+        groups = preset_name_to_scheme(scheme, ["Linear"])
+        groups.weights.group_size = group_size
+        gptq = GPTQModifier(config_groups={"group_0": groups}, ignore=["lm_head"])
+    else:
+        gptq = GPTQModifier(targets="Linear", scheme=scheme, ignore=["lm_head"])
     return [SmoothQuantModifier(smoothing_strength=0.8), gptq] if scheme == "W8A8" else [gptq]
 
 
@@ -33,7 +43,7 @@ def main(spec: dict[str, Any]) -> None:
     model = AutoModelForCausalLM.from_pretrained(spec["source"], dtype=torch.bfloat16)
     rows = [tokenizer(t, truncation=True, max_length=spec["max_tokens"]) for t in spec["texts"]]
     dataset = Dataset.from_list([{"input_ids": r["input_ids"], "attention_mask": r["attention_mask"]} for r in rows])
-    oneshot(model=model, dataset=dataset, recipe=recipe(spec["scheme"]), max_seq_length=spec["max_tokens"],
+    oneshot(model=model, dataset=dataset, recipe=recipe(spec["scheme"], spec.get("group_size")), max_seq_length=spec["max_tokens"],
             num_calibration_samples=len(rows))
     model.save_pretrained(spec["output"], save_compressed=True)
 

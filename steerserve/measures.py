@@ -1,8 +1,23 @@
-"""Steerability measures, defined once for benchmarks and training evaluation alike.
+"""Steerability measures, defined once for training labels and benchmarks alike.
 
     chars("Hello.")                              # 6
     fk_grade("The cat sat on the mat.")          # Flesch-Kincaid grade level (textstat)
     spearman([0, 1, 2, 3], [10, 30, 20, 40])     # 0.8
+    complexity_level("The cat sat on the mat.")  # 0: anyone can read it
+    verbosity_levels(["Yes.", "Yes, because ...", ...], groups=["p1", "p1", ...])
+
+``complexity_level`` and ``verbosity_levels`` are the *measurable* SteerLM labels
+the training data gets where no human rated those two attributes (oasst has no
+verbosity or complexity), following the HelpSteer annotation guidelines' wording:
+
+* complexity - "how sophisticated the language is": 0 basic (anyone, a child),
+  1 simple (some schooling), 2 intermediate (high school), 3 advanced (college),
+  4 expert. Measured as the Flesch-Kincaid grade, bucketed at US school stages
+  (:data:`FK_GRADE_BOUNDS`).
+* verbosity - "length relative to what the prompt calls for": the response's
+  word count as a quantile among the responses to the same prompt (the prompt is
+  the category), in fifths; prompts with fewer than :data:`MIN_GROUP` responses
+  are ranked against all responses instead.
 
 ``spearman`` ranks ties by their average rank (as scipy does), so repeated
 levels - five answers per slider level - are handled correctly.
@@ -103,3 +118,43 @@ def mean(values: Sequence[float]) -> float:
     """Mean of the non-NaN values (NaN if none)."""
     kept = [v for v in values if not math.isnan(v)]
     return sum(kept) / len(kept) if kept else math.nan
+
+
+# Flesch-Kincaid grade at which complexity levels 1..4 start: grade 4 (end of early
+# elementary), 7 (middle school), 10 (high school), 13 (college and beyond).
+FK_GRADE_BOUNDS = (4.0, 7.0, 10.0, 13.0)
+MIN_GROUP = 4  # responses a prompt needs before its own length distribution defines verbosity
+LEVELS = 5
+
+
+def complexity_level(text: str) -> int:
+    """Complexity 0-4 from the Flesch-Kincaid grade (an empty text reads as level 0)."""
+    grade = fk_grade(text)
+    if math.isnan(grade):
+        return 0
+    return sum(grade >= bound for bound in FK_GRADE_BOUNDS)
+
+
+def words(text: str) -> int:
+    """Whitespace-separated words: a tokenizer-independent length, so labels don't change with the model."""
+    return len(text.split())
+
+
+def _quantile_level(value: float, population: Sequence[float]) -> int:
+    """Fifth of ``population`` that ``value`` falls in (mid-rank for ties), as a level 0-4."""
+    below = sum(other < value for other in population)
+    equal = sum(other == value for other in population)
+    fraction = (below + 0.5 * equal) / len(population)
+    return min(LEVELS - 1, int(fraction * LEVELS))
+
+
+def verbosity_levels(texts: Sequence[str], groups: Sequence[str]) -> list[int]:
+    """Verbosity 0-4 per text: its length quantile among the texts of its group (see the module doc)."""
+    lengths = [float(words(text)) for text in texts]
+    members: dict[str, list[float]] = {}
+    for group, length in zip(groups, lengths, strict=True):
+        members.setdefault(group, []).append(length)
+    return [
+        _quantile_level(length, members[group] if len(members[group]) >= MIN_GROUP else lengths)
+        for group, length in zip(groups, lengths)
+    ]
