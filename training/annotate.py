@@ -41,6 +41,8 @@ class AnnotateConfig(CommonConfig):
     attributes: list[str] = option([], "With a tiny model: the attributes its fresh head predicts (empty: all nine).")
     batch_size: int = option(16, "Rows per forward pass.")
     max_length: int = option(512, "Longest tokenized conversation (the start is cut, the end kept).")
+    measured: list[str] = option([], "Attributes labelled by measurement instead of the APM: verbosity (length "
+                                     "quantile among the prompt's replies), complexity (Flesch-Kincaid grade).")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -49,11 +51,33 @@ class AnnotateConfig(CommonConfig):
         unknown = [name for name in self.attributes if name not in ATTRIBUTE_NAMES]
         if unknown:
             raise ConfigError(f"attributes: unknown {unknown}; known: {', '.join(ATTRIBUTE_NAMES)}")
+        unmeasurable = [name for name in self.measured if name not in MEASURABLE]
+        if unmeasurable:
+            raise ConfigError(f"measured: {unmeasurable} cannot be measured; measurable: {', '.join(MEASURABLE)}")
 
 
-def annotation(row: dict[str, Any], raw: Sequence[float], names: Sequence[str]) -> dict[str, Any]:
-    """One output line: predicted levels, the codec's full attribute line, and the raw values."""
-    levels = {name: to_level(value) for name, value in zip(names, raw)}
+MEASURABLE = ("verbosity", "complexity")
+
+
+def measured_levels(rows: Sequence[dict[str, Any]], names: Sequence[str]) -> list[dict[str, int]]:
+    """The measurable labels of every row (verbosity needs all rows: it ranks replies to one prompt)."""
+    from steerserve.measures import complexity_level, verbosity_levels
+
+    per_row: list[dict[str, int]] = [{} for _ in rows]
+    if "verbosity" in names:
+        for labels, level in zip(per_row, verbosity_levels([r["response"] for r in rows],
+                                                           [r["prompt"] for r in rows])):
+            labels["verbosity"] = level
+    if "complexity" in names:
+        for labels, row in zip(per_row, rows):
+            labels["complexity"] = complexity_level(row["response"])
+    return per_row
+
+
+def annotation(row: dict[str, Any], raw: Sequence[float], names: Sequence[str],
+               measured: dict[str, int] | None = None) -> dict[str, Any]:
+    """One output line: predicted (then measured) levels, the codec's full attribute line, the raw values."""
+    levels = {name: to_level(value) for name, value in zip(names, raw)} | (measured or {})
     return {
         "prompt": row["prompt"],
         "response": row["response"],
@@ -86,6 +110,7 @@ def annotate_rows(config: AnnotateConfig, rows: list[dict[str, Any]], model: Any
     """Append annotations for the rows not yet in ``out``; returns how many were already there."""
     from tqdm.auto import tqdm
 
+    measured = measured_levels(rows, config.measured)
     done = completed_lines(out)
     if done:
         logger.info("resuming: %d of %d rows already annotated in %s", done, len(rows), out)
@@ -93,7 +118,8 @@ def annotate_rows(config: AnnotateConfig, rows: list[dict[str, Any]], model: Any
         for start in range(done, len(rows), config.batch_size):
             chunk = rows[start:start + config.batch_size]
             raw = predict(model, tokenizer, chunk, config.batch_size, config.max_length, names, progress=False)
-            handle.writelines(json.dumps(annotation(r, p, names)) + "\n" for r, p in zip(chunk, raw))
+            handle.writelines(json.dumps(annotation(r, p, names, m)) + "\n"
+                              for r, p, m in zip(chunk, raw, measured[start:start + config.batch_size]))
             handle.flush()
             bar.update(len(chunk))
             for callback in on_batch:
@@ -126,7 +152,8 @@ def run(config: AnnotateConfig, output: Path, force: bool = False,
     runner.drop_base(work)
     manifest = build_manifest(
         RECIPE, config, base_model=base_name, data=[data_entry(config.data, report, config.data_format)],
-        metrics=metrics, steps=len(rows), steering=None, servable=False, attributes=names,
+        metrics=metrics, steps=len(rows), steering=None, servable=False,
+        attributes=[*names, *(m for m in config.measured if m not in names)], measured=config.measured,
         annotations=ANNOTATIONS, resumed=run_dir.resumed,
     )
     return run_dir.commit(manifest)

@@ -27,6 +27,7 @@ RECIPES: dict[str, str] = {
     "sft": "steerserve.training.sft",
     "dpo": "steerserve.training.dpo",
     "apm": "steerserve.training.apm",
+    "bootstrap": "steerserve.training.bootstrap",
     "annotate": "steerserve.training.annotate",
     "acsft": "steerserve.training.acsft",
 }

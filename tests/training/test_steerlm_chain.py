@@ -1,0 +1,114 @@
+"""The SteerLM data chain the steered default model is built with, on the tiny model:
+bootstrap (samples across instructed levels) -> annotate (APM + measured verbosity/complexity)
+-> acsft in the ``described`` format -> the renderer gives the server the same prompt text."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from training_helpers import FAST, run_recipe
+
+from steerserve.measures import FK_GRADE_BOUNDS, complexity_level, fk_grade, verbosity_levels
+from steerserve.prompts import ATTRIBUTE_TURN, SteeringMethod, render_chat, steering_instruction
+from steerserve.training.bootstrap import BootstrapConfig, sample_plan
+from steerserve.training.config import ConfigError, load_config
+from steerserve.training.manifest import read_manifest
+from steerserve.training.sampling import sample
+
+SAMPLE = ["max_tokens=12", "samples_per_prompt=5", "engine=transformers", "limit=3"]
+
+
+@pytest.fixture(scope="module")
+def bootstrap_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, attribute_file: Path) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "bootstrap"
+    return run_recipe("bootstrap", out, [f"model={tiny_model_dir}", f"data={attribute_file}",
+                                         "data_format=helpsteer", *SAMPLE])
+
+
+def test_plan_covers_every_level_per_prompt() -> None:
+    config = load_config(BootstrapConfig, None, ["data=x.jsonl", "data_format=oasst"])
+    plan = sample_plan(["p0", "p1"], config)
+    for prompt in ("p0", "p1"):
+        entries = [e for e in plan if e["prompt"] == prompt]
+        assert sorted(e["instructed"]["verbosity"] for e in entries) == [0, 1, 2, 3, 4]
+        assert sorted(e["instructed"]["complexity"] for e in entries) == [0, 1, 2, 3, 4]
+    assert plan == sample_plan(["p0", "p1"], config)  # deterministic by seed
+
+
+def test_bootstrap_config_errors_name_the_field() -> None:
+    with pytest.raises(ConfigError, match="engine"):
+        load_config(BootstrapConfig, None, ["data=x.jsonl", "data_format=oasst", "engine=tgi"])
+    with pytest.raises(ConfigError, match="temperatures"):
+        load_config(BootstrapConfig, None, ["data=x.jsonl", "data_format=oasst", "temperatures=[-1]"])
+
+
+def test_bootstrap_writes_model_and_human_rows(bootstrap_run: Path) -> None:
+    rows = [json.loads(line) for line in (bootstrap_run / "samples.jsonl").read_text().splitlines()]
+    model_rows = [r for r in rows if r["source"] == "model"]
+    human = [r for r in rows if r["source"] == "human"]
+    assert len({r["prompt"] for r in model_rows}) == 3
+    assert len(human) == 9  # three replies per prompt in the fixture
+    assert all(r["response"] and r["finish_reason"] in ("stop", "length") for r in model_rows)
+    metrics = read_manifest(bootstrap_run)["metrics"]
+    assert metrics["prompts"] == 3 and metrics["model_samples"] == len(model_rows)
+    assert set(metrics["mean_chars_by_instructed_level"]["verbosity"]) <= {"0", "1", "2", "3", "4"}
+    assert not (bootstrap_run / "samples.part.jsonl").exists()
+
+
+def test_sampling_resumes_from_drawn_samples(tmp_path: Path, tiny_model_dir: Path) -> None:
+    requests = [{"prompt": f"Count to {i}:", "temperature": t, "max_tokens": 6, "seed": i}
+                for i, t in enumerate([0.0, 0.7, 0.7, 0.0])]
+    out = tmp_path / "samples.part.jsonl"
+    kept = {"index": 2, "text": "drawn before the crash", "finish_reason": "stop", "tokens": 4}
+    out.write_text(json.dumps(kept) + "\n" + '{"index": 3, "te')  # a torn last line from the crash
+    got = sample(str(tiny_model_dir), requests, out, engine="transformers")
+    assert [g["index"] for g in got] == [0, 1, 2, 3]
+    assert got[2] == kept  # not drawn again
+    assert all(g["tokens"] <= 6 for g in got)
+    with pytest.raises(ValueError, match="engine"):
+        sample(str(tiny_model_dir), requests, out, engine="tgi")
+
+
+def test_measured_labels_follow_their_definitions() -> None:
+    plain, expert = "The cat sat on the mat. It was warm.", (
+        "Thermodynamic irreversibility characterises macroscopic processes whose microscopic "
+        "constituents nevertheless obey time-symmetric dynamical equations.")
+    assert complexity_level(plain) == 0 < complexity_level(expert) == 4
+    assert fk_grade(expert) >= FK_GRADE_BOUNDS[-1]
+    texts = ["a", "a b", "a b c", "a b c d", "a b c d e"] + ["one two three"]
+    assert verbosity_levels(texts, ["p"] * 5 + ["lonely"]) == [0, 1, 2, 3, 4, 2]
+
+
+def test_annotate_measures_verbosity_and_complexity(tmp_path: Path, apm_run: Path, bootstrap_run: Path) -> None:
+    out = run_recipe("annotate", tmp_path / "ann", [f"model={apm_run}", f"data={bootstrap_run / 'samples.jsonl'}",
+                                                    "data_format=helpsteer", "measured=[verbosity, complexity]"])
+    lines = [json.loads(line) for line in (out / "annotations.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (bootstrap_run / "samples.jsonl").read_text().splitlines()]
+    assert len(lines) == len(rows)
+    expected = verbosity_levels([r["response"] for r in rows], [r["prompt"] for r in rows])
+    assert [line["attributes"]["verbosity"] for line in lines] == expected
+    assert all(line["attributes"]["complexity"] == complexity_level(line["response"]) for line in lines)
+    assert "verbosity" in read_manifest(out)["attributes"]
+    with pytest.raises(ConfigError, match="measured"):
+        run_recipe("annotate", tmp_path / "bad", [f"model={apm_run}", "data=x.jsonl", "data_format=helpsteer",
+                                                 "measured=[humor]"])
+
+    acsft = run_recipe("acsft", tmp_path / "acsft", ["model=tiny", f"data={out / 'annotations.jsonl'}",
+                                                     "data_format=helpsteer", "steering=described", *FAST])
+    manifest = read_manifest(acsft)
+    assert manifest["steering"] == "described"
+
+
+def test_described_prompt_carries_line_and_description() -> None:
+    attributes = {"verbosity": 0, "complexity": 4}
+
+    def template(messages: list[dict[str, str]]) -> str:
+        return "".join(f"<{m['role']}>{m['content']}</{m['role']}>" for m in messages) + "<assistant>"
+
+    text = render_chat([{"role": "user", "content": "Why is the sky blue?"}], attributes,
+                       SteeringMethod.DESCRIBED, template)
+    system = text.split("</system>")[0]
+    assert ATTRIBUTE_TURN in system and "verbosity:0" in system and "complexity:4" in system
+    assert steering_instruction(attributes) in system

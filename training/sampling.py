@@ -1,0 +1,139 @@
+"""Sample many completions of rendered prompts from a checkpoint: vLLM (batched) or transformers.
+
+The SteerLM bootstrapping step needs thousands of samples from the base model;
+vLLM's continuous batching makes that minutes instead of hours on a CPU. vLLM
+runs in a child process (it spawns its own engine process, and the training
+process keeps its torch threads); each finished request is appended to the
+output file at once, so an interrupted run keeps what it sampled::
+
+    requests = [{"prompt": "<|im_start|>...", "temperature": 0.7, "max_tokens": 300, "seed": 1}]
+    sample(model_dir, requests, Path("samples.part.jsonl"), engine="vllm")
+    # one line per request, in request order: {"index": 0, "text": "...", "finish_reason": "stop", "tokens": 57}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+ENGINES = ("vllm", "transformers")
+
+
+def completed(out: Path) -> dict[int, dict[str, Any]]:
+    """Finished samples already in ``out`` by request index; a torn last line (a crash mid-write) is cut off."""
+    done: dict[int, dict[str, Any]] = {}
+    if out.exists():
+        data = out.read_bytes()
+        keep = data.rfind(b"\n") + 1
+        if keep < len(data):
+            out.write_bytes(data[:keep])
+        for line in data[:keep].decode().splitlines():
+            record = json.loads(line)
+            done[record["index"]] = record
+    return done
+
+
+def sample(model: str, requests: Sequence[dict[str, Any]], out: Path, engine: str = "vllm") -> list[dict[str, Any]]:
+    """Every request's sample, in request order; only requests not yet in ``out`` are generated."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    done = completed(out)
+    todo = [dict(request, index=i) for i, request in enumerate(requests) if i not in done]
+    if done:
+        logger.info("resuming: %d of %d samples already drawn", len(done), len(requests))
+    if todo:
+        if engine == "vllm":
+            _sample_vllm_child(model, todo, out)
+        else:
+            _sample_transformers(model, todo, out)
+    done = completed(out)
+    missing = [i for i in range(len(requests)) if i not in done]
+    if missing:
+        raise RuntimeError(f"{len(missing)} samples missing after generation (first: request {missing[0]})")
+    return [done[i] for i in range(len(requests))]
+
+
+def _sample_vllm_child(model: str, todo: list[dict[str, Any]], out: Path) -> None:
+    with tempfile.TemporaryDirectory(prefix="steerserve-sample-") as tmp:
+        spec = Path(tmp) / "requests.json"
+        spec.write_text(json.dumps({"model": model, "requests": todo, "out": str(out)}))
+        env = dict(os.environ, VLLM_LOGGING_LEVEL=os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"))
+        done = subprocess.run([sys.executable, "-m", "steerserve.training.sampling", str(spec)], env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"vLLM sampling exited with status {done.returncode} (see the log above)")
+
+
+def _run_vllm(spec: dict[str, Any]) -> None:
+    """Child process: one vLLM engine, every request queued at once, each result appended as it finishes."""
+    from vllm import LLM, SamplingParams
+
+    from steerserve.server.engines.vllm_engine import _configure_cpu_threads
+
+    _configure_cpu_threads()
+    requests = spec["requests"]
+    longest = max(r["max_tokens"] for r in requests) + 1024
+    llm = LLM(model=spec["model"], dtype="bfloat16", enforce_eager=True, max_model_len=longest, seed=0,
+              kv_cache_memory_bytes=2 << 30)
+    engine = llm.llm_engine
+    for r in requests:
+        params = SamplingParams(temperature=r["temperature"], top_p=r.get("top_p", 0.95),
+                                max_tokens=r["max_tokens"], seed=r["seed"])
+        engine.add_request(str(r["index"]), {"prompt": r["prompt"]}, params)
+    with open(spec["out"], "a") as handle:
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                if output.finished:
+                    first = output.outputs[0]
+                    handle.write(json.dumps({"index": int(output.request_id), "text": first.text,
+                                             "finish_reason": first.finish_reason,
+                                             "tokens": len(first.token_ids)}) + "\n")
+                    handle.flush()
+
+
+def _sample_transformers(model: str, todo: list[dict[str, Any]], out: Path, batch: int = 8) -> None:
+    """Reference path (models vLLM can't load): left-padded batches of ``generate``, one seed per batch."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model, padding_side="left")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    by_temperature: dict[float, list[dict[str, Any]]] = {}
+    for request in todo:  # generate() takes one temperature per batch
+        by_temperature.setdefault(request["temperature"], []).append(request)
+    chunks = [group[i:i + batch] for group in by_temperature.values() for i in range(0, len(group), batch)]
+    with open(out, "a") as handle:
+        for chunk in chunks:
+            torch.manual_seed(chunk[0]["seed"])
+            encoded = tokenizer([r["prompt"] for r in chunk], return_tensors="pt", padding=True,
+                                add_special_tokens=False)
+            temperature = chunk[0]["temperature"]
+            with torch.no_grad():
+                ids = lm.generate(**encoded, max_new_tokens=max(r["max_tokens"] for r in chunk),
+                                  do_sample=temperature > 0, temperature=temperature or None,
+                                  top_p=chunk[0].get("top_p", 0.95), pad_token_id=tokenizer.pad_token_id)
+            for request, row in zip(chunk, ids[:, encoded.input_ids.shape[1]:]):
+                tokens = row.tolist()
+                if tokenizer.pad_token_id in tokens:
+                    tokens = tokens[:tokens.index(tokenizer.pad_token_id)]
+                ended = tokenizer.eos_token_id in tokens
+                tokens = tokens[:tokens.index(tokenizer.eos_token_id)] if ended else tokens[:request["max_tokens"]]
+                handle.write(json.dumps({"index": request["index"],
+                                         "text": tokenizer.decode(tokens, skip_special_tokens=True),
+                                         "finish_reason": "stop" if ended else "length",
+                                         "tokens": len(tokens)}) + "\n")
+            handle.flush()
+
+
+if __name__ == "__main__":
+    _run_vllm(json.loads(Path(sys.argv[1]).read_text()))
