@@ -23,7 +23,6 @@ from steerserve.prompts import SteeringMethod
 from steerserve.training import runner
 from steerserve.training.config import BaseConfig, LoraFields, option
 from steerserve.training.data.attribute_rows import FORMATS, levels, load_attribute_rows
-from steerserve.training.manifest import data_entry
 from steerserve.training.sft import chat_example, finish, fit_prompt_completion
 
 logger = logging.getLogger(__name__)
@@ -44,6 +43,7 @@ class ACSFTRecipeConfig(BaseConfig, LoraFields):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.check_choice("data_format", FORMATS)
+        self.check_extra_formats(FORMATS)
         self.check_choice("steering", CONDITIONED)
 
 
@@ -58,14 +58,13 @@ def run(config: ACSFTRecipeConfig, output: Path, force: bool = False, callbacks:
     run_dir, base, base_name = runner.start(RECIPE, config, output, force)
     tokenizer = runner.load_tokenizer(base)
     method = runner.steering_for(tokenizer, config.steering, conditioned=True)
-    rows, report = load_attribute_rows(config.data, config.data_format, config.data_split)
-    train_rows, test_rows = runner.limit_and_split(rows, config)
+    train_rows, test_rows, data = runner.load_and_split(
+        config, lambda source, data_format: load_attribute_rows(source, data_format, config.data_split))
     train, test, dropped = runner.examples(train_rows, test_rows, lambda row: conditioned_example(
         row, method, tokenizer), tokenizer, config.max_length)
     trainer, metrics = fit_prompt_completion(config, run_dir, base, tokenizer, train, test, callbacks)
     split = {"train_rows": len(train), "test_rows": len(test), "dropped_overlong": dropped}
-    return finish(RECIPE, config, run_dir, trainer, tokenizer, base_name, method, metrics,
-                  [data_entry(config.data, report, config.data_format)], split=split)
+    return finish(RECIPE, config, run_dir, trainer, tokenizer, base_name, method, metrics, data, split=split)
 
 
 CONFIG = ACSFTRecipeConfig

@@ -24,7 +24,7 @@ from steerserve.prompts import ATTRIBUTE_TURN, SYSTEM_TURN, TURN
 from steerserve.training import runner
 from steerserve.training.config import BaseConfig, ConfigError, option
 from steerserve.training.data.attribute_rows import FORMATS, labelled, load_attribute_rows
-from steerserve.training.manifest import build_manifest, data_entry
+from steerserve.training.manifest import build_manifest
 from steerserve.training.output import RunDir
 
 logger = logging.getLogger(__name__)
@@ -40,10 +40,16 @@ class APMRecipeConfig(BaseConfig):
     attributes: list[str] = option([], "Attributes to predict, in output order; empty: every attribute the "
                                        "training rows label.")
     learning_rate: float = option(1e-4, "Peak learning rate (linear decay).")
+    trainable_layers: int | None = option(None, "Train only the head, the final norm and the last N decoder "
+                                                "layers (backward stops there: much cheaper on CPU); "
+                                                "null: every weight.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.check_choice("data_format", FORMATS)
+        self.check_extra_formats(FORMATS)
+        if self.trainable_layers is not None:
+            self.check_positive("trainable_layers")
         unknown = [name for name in self.attributes if name not in ATTRIBUTE_NAMES]
         if unknown:
             raise ConfigError(f"attributes: unknown {unknown}; known: {', '.join(ATTRIBUTE_NAMES)}")
@@ -193,6 +199,22 @@ def evaluate(model: Any, tokenizer: Any, rows: list[dict[str, Any]], all_rows: l
     return metrics
 
 
+def freeze_below(model: Any, trainable_layers: int) -> int:
+    """Freeze embeddings and all but the last ``trainable_layers`` decoder layers; returns trainable weights.
+
+    Nothing below the lowest trainable layer needs a gradient, so autograd stops there.
+    """
+    layers = model.base_model.layers
+    if trainable_layers > len(layers):
+        raise ValueError(f"trainable_layers: the model has {len(layers)} layers, asked for {trainable_layers}")
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    for module in [*layers[-trainable_layers:], model.base_model.norm, model.score]:
+        for parameter in module.parameters():
+            parameter.requires_grad_(True)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def train_apm(config: APMRecipeConfig, run_dir: RunDir, base: str, train_rows: list[dict], names: list[str],
               callbacks: Sequence[Any]) -> tuple[Any, Any, dict[str, Any]]:
     """Fit the regression head and the LM on the masked MSE; returns (trainer, tokenizer, train metrics)."""
@@ -200,6 +222,9 @@ def train_apm(config: APMRecipeConfig, run_dir: RunDir, base: str, train_rows: l
     from transformers import TrainingArguments
 
     model, tokenizer, names = load_apm(base, names)
+    if config.trainable_layers:
+        logger.info("training %d weights (last %d layers + head)", freeze_below(model, config.trainable_layers),
+                    config.trainable_layers)
     args = TrainingArguments(**runner.trainer_arguments(config, run_dir), remove_unused_columns=False)
     trainer = masked_trainer_class()(
         model=model, args=args, data_collator=collate(tokenizer.pad_token_id), processing_class=tokenizer,
@@ -213,17 +238,17 @@ def run(config: APMRecipeConfig, output: Path, force: bool = False, callbacks: S
     """Train the APM, evaluate it on the held-out rows, save it (not servable as a chat model)."""
     run_dir, base, base_name = runner.start(RECIPE, config, output, force)
     work = run_dir.work
-    rows, report = load_attribute_rows(config.data, config.data_format, config.data_split)
-    train_rows, test_rows = runner.limit_and_split(rows, config)
+    train_rows, test_rows, data = runner.load_and_split(
+        config, lambda source, data_format: load_attribute_rows(source, data_format, config.data_split))
     names = config.attributes or [n for n in ATTRIBUTE_NAMES if any(r[n] is not None for r in train_rows)]
     trainer, tokenizer, metrics = train_apm(config, run_dir, base, train_rows, names, callbacks)
     if test_rows:
-        metrics.update(evaluate(trainer.model, tokenizer, test_rows, rows[: config.limit], names, config))
+        metrics.update(evaluate(trainer.model, tokenizer, test_rows, train_rows + test_rows, names, config))
     trainer.save_model(str(work))
     runner.drop_base(work)
     labelled_counts = {name: sum(1 for r in train_rows if name in labelled(r)) for name in names}
     manifest = build_manifest(
-        RECIPE, config, base_model=base_name, data=[data_entry(config.data, report, config.data_format)],
+        RECIPE, config, base_model=base_name, data=data,
         metrics=metrics, steps=trainer.state.global_step, steering=None, servable=False,
         attributes=names, labelled_train_rows=labelled_counts, resumed=run_dir.resumed,
         split={"train_rows": len(train_rows), "test_rows": len(test_rows)},

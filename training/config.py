@@ -69,6 +69,15 @@ class CommonConfig:
         if getattr(self, name) not in choices:
             raise ConfigError(f"{name}: {getattr(self, name)!r} is not one of {', '.join(map(str, choices))}")
 
+    def check_extra_formats(self, formats: typing.Iterable[str]) -> None:
+        """ConfigError naming extra_data unless every extra source's format is one of ``formats``."""
+        formats = tuple(formats)
+        for entry in getattr(self, "extra_data", []):
+            data_format = parse_source(entry)[0]
+            if data_format not in formats:
+                raise ConfigError(f"extra_data: format {data_format!r} of {entry!r} is not one of "
+                                  f"{', '.join(formats)} (it must mix with data_format {self.data_format!r})")
+
     def check_positive(self, *names: str) -> None:
         """ConfigError naming the first field that is below 1."""
         for name in names:
@@ -95,9 +104,14 @@ class BaseConfig(CommonConfig):
     save_steps: int = option(50, "Checkpoint every this many steps; a rerun resumes from the last one.")
     gradient_checkpointing: bool = option(False, "Trade compute for memory (off: tiny models on CPU).")
     keep_checkpoints: bool = option(False, "Keep checkpoints/ in the finished output (off: only the final model).")
+    extra_data: list[str] = option([], "More sources mixed in, each 'FORMAT:PATH' or 'FORMAT:PATH@LIMIT'. Every "
+                                       "source is split on its own (same rule and seed), so a source's held-out "
+                                       "part never depends on what it is mixed with.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        for entry in self.extra_data:
+            parse_source(entry)
         if not 0.0 <= self.test_fraction < 1.0:
             raise ConfigError(f"test_fraction: must be in [0, 1), got {self.test_fraction}")
         self.check_positive("batch_size", "gradient_accumulation_steps", "eval_batch_size", "max_length",
@@ -118,6 +132,19 @@ class LoraFields:
     lora_dropout: float = option(0.05, "Dropout on the LoRA path.")
     lora_target_modules: list[str] = option(["q_proj", "k_proj", "v_proj", "o_proj"],
                                             "Module names that get adapters.")
+    lora_layers: int | None = option(None, "Adapters only in the last N decoder layers (null: all). Backward "
+                                           "stops below the lowest adapter, so a CPU step costs much less.")
+
+
+def parse_source(entry: str) -> tuple[str, str, int | None]:
+    """``"aqua:data/dev.json@100"`` -> ``("aqua", "data/dev.json", 100)``; ConfigError naming extra_data."""
+    data_format, sep, rest = entry.partition(":")
+    path, at, limit = rest.rpartition("@") if "@" in rest else (rest, "", "")
+    if not sep or not data_format or not path:
+        raise ConfigError(f"extra_data: {entry!r} is not FORMAT:PATH[@LIMIT]")
+    if at and not (limit.isdigit() and int(limit) >= 1):
+        raise ConfigError(f"extra_data: {entry!r}: the row limit after @ must be a positive integer")
+    return data_format, path, int(limit) if at else None
 
 
 def field_help(cls: type) -> list[tuple[str, str, Any]]:
@@ -200,4 +227,10 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
     for key in cls.PATH_FIELDS:
         if isinstance(typed.get(key), str):
             typed[key] = resolve_path(typed[key], config_dir)
+    if "extra_data" in typed:  # FORMAT:PATH[@LIMIT]: resolve the path part like `data`
+        resolved = []
+        for entry in typed["extra_data"]:
+            data_format, path, limit = parse_source(entry)
+            resolved.append(f"{data_format}:{resolve_path(path, config_dir)}" + (f"@{limit}" if limit else ""))
+        typed["extra_data"] = resolved
     return cls(**typed)

@@ -19,7 +19,6 @@ from steerserve.prompts import SteeringMethod
 from steerserve.training import runner
 from steerserve.training.config import BaseConfig, ConfigError, LoraFields, option
 from steerserve.training.data.preferences import FORMATS, load_preference_pairs
-from steerserve.training.manifest import data_entry
 from steerserve.training.output import RunDir
 
 logger = logging.getLogger(__name__)
@@ -44,6 +43,7 @@ class DPORecipeConfig(BaseConfig, LoraFields):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.check_choice("data_format", FORMATS)
+        self.check_extra_formats(FORMATS)
         self.check_choice("loss_type", LOSS_TYPES)
         self.check_choice("steering", runner.STEERING_CHOICES)
         if self.beta <= 0:
@@ -92,8 +92,9 @@ def run(config: DPORecipeConfig, output: Path, force: bool = False, callbacks: S
     run_dir, base, base_name = runner.start(RECIPE, config, output, force)
     tokenizer = runner.load_tokenizer(base)
     method = runner.steering_for(tokenizer, config.steering)
-    pairs, report = load_preference_pairs(config.data, config.data_format, config.data_split)
-    train_pairs, test_pairs = runner.limit_and_split(pairs, config)
+    train_pairs, test_pairs, data = runner.load_and_split(
+        config, lambda source, data_format: load_preference_pairs(source, data_format, config.data_split),
+        check_format)
     train, test, dropped = runner.examples(train_pairs, test_pairs, lambda pair: pair_example(
         pair, method, tokenizer), tokenizer, config.max_length)
     trainer = build_trainer(config, run_dir, base, tokenizer, train, test, callbacks)
@@ -101,8 +102,7 @@ def run(config: DPORecipeConfig, output: Path, force: bool = False, callbacks: S
     if test:
         metrics.update(held_out_metrics(trainer))
     split = {"train_pairs": len(train), "test_pairs": len(test), "dropped_overlong": dropped}
-    return finish(RECIPE, config, run_dir, trainer, tokenizer, base_name, method, metrics,
-                  [data_entry(config.data, report, config.data_format)], split=split)
+    return finish(RECIPE, config, run_dir, trainer, tokenizer, base_name, method, metrics, data, split=split)
 
 
 CONFIG = DPORecipeConfig

@@ -131,15 +131,32 @@ def end_of_turn(method: SteeringMethod, tokenizer: PreTrainedTokenizerBase) -> s
 # ---- data --------------------------------------------------------------------
 
 
-def limit_and_split(rows: list[dict[str, Any]], config: BaseConfig) -> tuple[list[dict], list[dict]]:
-    """``limit`` rows, then the grouped, seeded train/test split."""
-    if config.limit is not None:
-        rows = rows[: config.limit]
-    train, test = grouped_split(rows, prompt_key, config.test_fraction, config.seed)
+def load_and_split(config: BaseConfig, load: Callable[[str, str], tuple[list[dict], Any]],
+                   ) -> tuple[list[dict], list[dict], list[dict]]:
+    """(train, test, data entries) over ``data`` (cut to ``limit``) and every ``extra_data`` source.
+
+    Each source is split on its own with :func:`grouped_split`, so e.g. MMLU's held-out questions are
+    the same whatever else a run mixes in (benchmarks re-derive them with the same call).
+    """
+    from steerserve.training.config import parse_source
+    from steerserve.training.manifest import data_entry
+
+    sources = [(config.data_format, config.data, config.limit), *map(parse_source, config.extra_data)]
+    train: list[dict] = []
+    test: list[dict] = []
+    entries = []
+    for data_format, data, limit in sources:
+        rows, report = load(data, data_format)
+        rows = rows[:limit] if limit else rows
+        source_train, source_test = grouped_split(rows, prompt_key, config.test_fraction, config.seed)
+        logger.info("%s: %d train rows, %d held-out rows (grouped by prompt)", data, len(source_train),
+                    len(source_test))
+        train += source_train
+        test += source_test
+        entries.append(data_entry(data, report, data_format))
     if not train:
         raise ValueError(f"{config.data}: no training rows left after the split")
-    logger.info("split: %d train rows, %d held-out rows (grouped by prompt)", len(train), len(test))
-    return train, test
+    return train, test, entries
 
 
 def examples(train_rows: list[dict], test_rows: list[dict], build: Callable[[dict], dict[str, str]],
@@ -199,7 +216,7 @@ def trl_trainer_kwargs(config: BaseConfig, run_dir: RunDir, base: str, tokenizer
         "train_dataset": Dataset.from_list(train),
         "eval_dataset": Dataset.from_list(test) if test else None,
         "processing_class": tokenizer,
-        "peft_config": lora_config(config),  # type: ignore[arg-type]  # the LoRA recipes' configs have its fields
+        "peft_config": lora_config(config, base=base),  # type: ignore[arg-type]  # the LoRA recipes' configs have its fields
         "callbacks": [json_log_callback(run_dir.work / LOG_FILE), *callbacks],
     }
 
@@ -219,14 +236,21 @@ def json_log_callback(path: Path) -> TrainerCallback:
     return JsonLog()
 
 
-def lora_config(config: LoraFields, task_type: str = "CAUSAL_LM") -> Any:
-    """A peft LoraConfig when the recipe asks for LoRA, else None."""
+def lora_config(config: LoraFields, task_type: str = "CAUSAL_LM", base: str | None = None) -> Any:
+    """A peft LoraConfig when the recipe asks for LoRA, else None (``lora_layers`` needs ``base``'s depth)."""
     if not config.lora:
         return None
     from peft import LoraConfig
 
+    layers = None
+    if config.lora_layers:
+        depth = json.loads((Path(base or "") / "config.json").read_text())["num_hidden_layers"]
+        if config.lora_layers > depth:
+            raise ValueError(f"lora_layers: the model has {depth} layers, asked for {config.lora_layers}")
+        layers = list(range(depth - config.lora_layers, depth))
     return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=list(config.lora_target_modules), task_type=task_type)
+                      target_modules=list(config.lora_target_modules), task_type=task_type,
+                      layers_to_transform=layers)
 
 
 def train(trainer: Trainer, run_dir: RunDir) -> dict[str, Any]:

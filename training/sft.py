@@ -23,7 +23,7 @@ from steerserve.training.data.chat import load_chat_rows
 from steerserve.training.data.io import LoadReport
 from steerserve.training.data.mcq import FORMATS as MCQ_FORMATS
 from steerserve.training.data.mcq import load_mcq_rows
-from steerserve.training.manifest import build_manifest, data_entry
+from steerserve.training.manifest import build_manifest
 from steerserve.training.output import RunDir
 
 logger = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ class SFTRecipeConfig(BaseConfig, LoraFields):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.check_choice("data_format", (*CHAT_FORMATS, *MCQ_FORMATS))
+        self.check_extra_formats(MCQ_FORMATS if self.is_mcq else CHAT_FORMATS)  # MCQ or chat rows, not both
         self.check_choice("steering", runner.STEERING_CHOICES)
 
     @property
@@ -69,12 +70,6 @@ def mcq_example(row: dict[str, Any], method: SteeringMethod, tokenizer: Any, exp
     prompt = runner.chat_prompt([{"role": "user", "content": question}], None, method, tokenizer)
     answer = render_mcq_answer(row["answer"], row.get("explanation") if explanations else None)
     return {"prompt": prompt, "completion": answer + runner.end_of_turn(method, tokenizer)}
-
-
-def load_sft_rows(config: SFTRecipeConfig) -> tuple[list[dict[str, Any]], LoadReport]:
-    if config.is_mcq:
-        return load_mcq_rows(config.data, config.data_format, config.data_split, config.seed)
-    return load_chat_rows(config.data, config.data_format, config.data_split)
 
 
 def fit_prompt_completion(
@@ -113,8 +108,12 @@ def run(config: SFTRecipeConfig, output: Path, force: bool = False, callbacks: S
     run_dir, base, base_name = runner.start(RECIPE, config, output, force)
     tokenizer = runner.load_tokenizer(base)
     method = runner.steering_for(tokenizer, config.steering)
-    rows, report = load_sft_rows(config)
-    train_rows, test_rows = runner.limit_and_split(rows, config)
+    def load(data: str, data_format: str) -> tuple[list[dict[str, Any]], LoadReport]:
+        if config.is_mcq:
+            return load_mcq_rows(data, data_format, config.data_split, config.seed)
+        return load_chat_rows(data, data_format, config.data_split)
+
+    train_rows, test_rows, data = runner.load_and_split(config, load)
     if config.is_mcq:
         build = lambda row: mcq_example(row, method, tokenizer, config.mcq_explanations)  # noqa: E731
     else:
@@ -126,8 +125,7 @@ def run(config: SFTRecipeConfig, output: Path, force: bool = False, callbacks: S
 
         metrics.update(mcq_accuracy(trainer.model, tokenizer, test_rows, method))
     split = {"train_rows": len(train), "test_rows": len(test), "dropped_overlong": dropped}
-    return finish(RECIPE, config, run_dir, trainer, tokenizer, base_name, method, metrics,
-                  [data_entry(config.data, report, config.data_format)], split=split)
+    return finish(RECIPE, config, run_dir, trainer, tokenizer, base_name, method, metrics, data, split=split)
 
 
 CONFIG = SFTRecipeConfig

@@ -46,10 +46,31 @@ def test_yaml_then_set_overrides_with_types(tmp_path: Path) -> None:
     (["loss_type=robust", "label_smoothing=0.5"], r"label_smoothing: must be in \[0, 0.5\)"),
     (["beta=high"], "beta: expected float"),
     (["max_steps"], "expected key=value"),
+    (["extra_data=[hh-rlhf]"], "extra_data: 'hh-rlhf' is not FORMAT:PATH"),
+    (["extra_data=[aqua:x.json]"], "extra_data: format 'aqua' of 'aqua:x.json' is not one of"),
+    (["extra_data=[hh-rlhf:x.jsonl@0]"], "extra_data: .*positive integer"),
 ])
 def test_bad_settings_name_the_key(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(DPORecipeConfig, None, ["data=x.jsonl", "data_format=pairs", *overrides])
+
+
+def test_default_model_recipes_load() -> None:
+    """The recipes behind the steered default model (make steered-default) stay loadable."""
+    defaults = sorted(RECIPE_DIR.glob("*-default*.yaml"))
+    assert defaults
+    for path in defaults:
+        recipe = path.name.split("-default")[0]
+        config = load_config(__import__(RECIPES[recipe], fromlist=["CONFIG"]).CONFIG, path)
+        assert config.model == "default" or Path(config.model).name in ("merged", "apm") or "runs/" in config.model
+
+
+def test_extra_data_paths_resolve_like_data(tmp_path: Path) -> None:
+    (tmp_path / "more.jsonl").write_text("")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data: x.jsonl\ndata_format: hh-rlhf\nextra_data: ['pairs:more.jsonl@5']\n")
+    config = load_config(DPORecipeConfig, recipe)
+    assert config.extra_data == [f"pairs:{tmp_path / 'more.jsonl'}@5"]
 
 
 def test_help_is_instant_and_lists_settings() -> None:

@@ -112,3 +112,29 @@ def test_described_prompt_carries_line_and_description() -> None:
     system = text.split("</system>")[0]
     assert ATTRIBUTE_TURN in system and "verbosity:0" in system and "complexity:4" in system
     assert steering_instruction(attributes) in system
+
+
+def test_extra_sources_mix_and_split_on_their_own(tmp_path: Path, tiny_model_dir: Path, mcq_file: Path) -> None:
+    from steerserve.training import runner
+    from steerserve.training.data.mcq import load_mcq_rows
+    from steerserve.training.sft import SFTRecipeConfig
+
+    other = tmp_path / "more.jsonl"
+    other.write_text("".join(json.dumps({"question": f"Which letter is number {i}?", "choices": ["a", "b", "c"],
+                                         "answer": i % 3}) + "\n" for i in range(20)))
+    settings = [f"model={tiny_model_dir}", f"data={mcq_file}", "data_format=mcq", f"extra_data=[mcq:{other}@12]"]
+    config = load_config(SFTRecipeConfig, None, settings)
+
+    def load(data: str, data_format: str) -> tuple[list, object]:
+        return load_mcq_rows(data, data_format, "train", 0)
+
+    mixed_train, mixed_test, entries = runner.load_and_split(config, load)
+    alone = load_config(SFTRecipeConfig, None, [f"data={other}", "data_format=mcq", "limit=12"])
+    _, alone_test, _ = runner.load_and_split(alone, load)
+    assert len(entries) == 2 and alone_test and all(row in mixed_test for row in alone_test)
+    assert len(mixed_train) + len(mixed_test) == 12 + 12  # mcq_file has 12 rows; the extra is cut to 12
+
+    out = run_recipe("sft", tmp_path / "sft", [*settings, *FAST])
+    manifest = read_manifest(out)
+    split = manifest["split"]
+    assert len(manifest["data"]) == 2 and split["train_rows"] + split["test_rows"] + split["dropped_overlong"] == 24

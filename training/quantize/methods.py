@@ -87,6 +87,9 @@ def load_quantizer(precision: Precision) -> Quantizer:
 
 def check_available(precision: Precision) -> None:
     """Raise Unavailable now if the method's module knows it cannot run (before any work is done)."""
+    if precision.served_only:
+        raise Unavailable(f"{precision.value} is served only: vLLM quantizes a 16-bit checkpoint as it loads it "
+                          f"on a CUDA GPU (steerserve serve --model CKPT,precision={precision.value})")
     module_name = QUANTIZERS[precision].partition(":")[0]
     check = getattr(importlib.import_module(module_name), "check", None)
     if check is not None:
