@@ -26,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("mcq")
     group.add_argument("--mcq-set", action="append", default=[], help="NAME=PATH[:FORMAT] (repeat)")
     group.add_argument("--mcq-limit", type=int, help="questions per set (default 200; quick 10)")
+    group.add_argument("--mcq-heldout", type=float, metavar="FRACTION",
+                       help="score only the part an MCQ SFT run with this test_fraction (seed 0) held out of "
+                            "each set, e.g. 0.2 for training/recipes/sft-mcq-default.yaml")
 
 
 def parse_set(text: str) -> tuple[str, str, str]:
@@ -50,9 +53,14 @@ def load_sets(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     for text in args.mcq_set or (QUICK_SETS if args.quick else DEFAULT_SETS):
         name, path, data_format = parse_set(text)
         rows = load_rows(path, data_format, None)
+        if args.mcq_heldout:  # the same grouped split the training recipes make, source by source
+            from steerserve.training.data.split import grouped_split, prompt_key
+
+            rows = grouped_split(rows, prompt_key, args.mcq_heldout, 0)[1]
         if len(rows) > limit:
             rows = [rows[i] for i in sorted(random.Random(0).sample(range(len(rows)), limit))]
-        sets[name] = {"path": path, "format": data_format, "rows": rows}
+        sets[name] = {"path": path, "format": data_format, "rows": rows,
+                      "part": f"held out ({args.mcq_heldout})" if args.mcq_heldout else "all"}
     return sets
 
 
@@ -68,6 +76,7 @@ def measure(target: BenchTarget, args: argparse.Namespace) -> dict[str, Any]:
             scored = score_rows(client, target.model, data["rows"], batch_size=16)
             results[name] = {k: scored[k] for k in ("accuracy", "correct", "total", "chance", "seconds")}
             results[name]["source"] = data["path"]
+            results[name]["part"] = data["part"]
     return results
 
 

@@ -7,7 +7,13 @@ slider while the others keep their defaults. Reported per level: mean
 characters and mean Flesch-Kincaid grade (textstat); per slider: Spearman
 correlation between level and measure over all answers. The HelpSteer paper's
 figures are shown beside ours: chars 422 -> 1125 across verbosity, FKGL 8.49 -> 9.10
-across complexity (SteerLM 43B).
+across complexity (SteerLM 43B). Each sweep is checked against the project's
+targets: monotone across all five levels, chars(4)/chars(0) >= 3 and
+FKGL(4) - FKGL(0) >= 2.
+
+``--apm DIR`` (an attribute prediction model from ``steerserve train apm``) also
+scores the answers given at default sliders, so a steered model can be checked
+for collapse: its mean predicted helpfulness should stay near the base model's.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ LEVELS = (0, 1, 2, 3, 4)
 SWEEPS = {"verbosity": "chars", "complexity": "fkgl"}
 PAPER = {"verbosity": {"chars": {0: 422.0, 4: 1125.0}}, "complexity": {"fkgl": {0: 8.49, 4: 9.10}}}
 PAPER_SOURCE = "HelpSteer (Wang et al. 2023), SteerLM 43B on its held-out prompts"
+TARGETS = {"verbosity": ("ratio", 3.0), "complexity": ("gap", 2.0)}  # chars x3, +2 grades, and monotone
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--num-prompts", type=int, help="prompts per level (default 8; quick 2)")
     group.add_argument("--answer-tokens", type=int, help="max tokens per answer (default 384; quick 24)")
     group.add_argument("--parallel", type=int, default=8, help="requests in flight at once")
+    group.add_argument("--apm", help="APM directory: also report mean predicted attributes at default sliders")
 
 
 async def _answers(target: BenchTarget, prompts: list[str], max_tokens: int, parallel: int) -> list[dict[str, Any]]:
@@ -51,7 +59,7 @@ async def _answers(target: BenchTarget, prompts: list[str], max_tokens: int, par
                                       temperature=0.0)
         bar.update(1)
         text = reply.choices[0].message.content
-        return {"slider": name, "level": level, "prompt": i, "chars": chars(text), "fkgl": fk_grade(text),
+        return {"slider": name, "level": level, "prompt": i, "text": text, "chars": chars(text), "fkgl": fk_grade(text),
                 "tokens": reply.usage.completion_tokens, "finish_reason": reply.choices[0].finish_reason}
 
     async with AsyncSteerClient(target.url) as client:
@@ -60,8 +68,18 @@ async def _answers(target: BenchTarget, prompts: list[str], max_tokens: int, par
     return answers
 
 
+def target_check(name: str, per_level: dict[int, float]) -> dict[str, Any]:
+    """Monotone across the five levels, and the level-4 vs level-0 ratio (verbosity) or gap (complexity)."""
+    values = [per_level[lvl] for lvl in LEVELS]
+    kind, goal = TARGETS[name]
+    low, high = values[0], values[-1]
+    effect = (high / low if low else float("nan")) if kind == "ratio" else high - low
+    monotone = all(b > a for a, b in zip(values, values[1:]))
+    return {"monotone": monotone, kind: effect, "goal": goal, "met": monotone and effect >= goal}
+
+
 def summarize(answers: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per slider: mean chars / FKGL per level and the Spearman correlation of level with its own measure."""
+    """Per slider: mean chars / FKGL per level, Spearman of level with its own measure, the target check."""
     out: dict[str, Any] = {}
     for name, measure in SWEEPS.items():
         rows = [a for a in answers if a["slider"] == name]
@@ -72,7 +90,20 @@ def summarize(answers: list[dict[str, Any]]) -> dict[str, Any]:
             "spearman": spearman([a["level"] for a in rows], [a[measure] for a in rows]),
             "truncated": sum(a["finish_reason"] == "length" for a in rows) / max(len(rows), 1),
         }
+        out[name]["target"] = target_check(name, out[name][measure])
     return out
+
+
+def default_slider_quality(apm_dir: str, prompts: list[str], answers: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean APM prediction per attribute over the answers given at default sliders (the no-collapse check)."""
+    from steerserve.attributes import ATTRIBUTE_DEFAULTS
+    from steerserve.training.apm import load_apm, predict
+
+    model, tokenizer, names = load_apm(apm_dir)
+    chosen = [a for a in answers if a["slider"] == "verbosity" and a["level"] == ATTRIBUTE_DEFAULTS["verbosity"]]
+    rows = [{"prompt": prompts[a["prompt"]], "response": a["text"]} for a in chosen]
+    predicted = predict(model, tokenizer, rows, 8, 512, names, progress=False)
+    return {name: mean([p[j] for p in predicted]) for j, name in enumerate(names)}
 
 
 def sizes(args: argparse.Namespace) -> tuple[int, int]:
@@ -85,15 +116,36 @@ def measure(target: BenchTarget, args: argparse.Namespace) -> dict[str, Any]:
     count, max_tokens = sizes(args)
     prompts = load_prompts(args.prompts, count)
     answers = asyncio.run(_answers(target, prompts, max_tokens, args.parallel))
-    return {"summary": summarize(answers), "answers": answers, "prompts": prompts, "max_tokens": max_tokens}
+    result = {"summary": summarize(answers), "answers": answers, "prompts": prompts, "max_tokens": max_tokens}
+    if args.apm:
+        result["default_slider_apm"] = default_slider_quality(args.apm, prompts, answers)
+    return result
 
 
 def _rows(results: dict[str, dict[str, Any]], name: str, measure: str) -> list[list[Any]]:
-    rows = [[label, *(r["summary"][name][measure][lvl] for lvl in LEVELS), r["summary"][name]["spearman"],
-             f"{r['summary'][name]['truncated']:.0%}"] for label, r in results.items()]
+    rows = []
+    for label, r in results.items():
+        summary = r["summary"][name]
+        check = summary["target"]
+        kind = TARGETS[name][0]
+        effect = f"x{check[kind]:.2f}" if kind == "ratio" else f"{check[kind]:+.2f}"
+        rows.append([label, *(summary[measure][lvl] for lvl in LEVELS), summary["spearman"], effect,
+                     "yes" if check["monotone"] else "no", "met" if check["met"] else "not met",
+                     f"{summary['truncated']:.0%}"])
     paper = PAPER[name][measure]
-    rows.append(["paper (HelpSteer)", *(paper.get(lvl) for lvl in LEVELS), None, ""])
+    paper_effect = (f"x{paper[4] / paper[0]:.2f}" if TARGETS[name][0] == "ratio" else f"{paper[4] - paper[0]:+.2f}")
+    rows.append(["paper (HelpSteer)", *(paper.get(lvl) for lvl in LEVELS), None, paper_effect, "", "", ""])
     return rows
+
+
+def _quality_table(results: dict[str, dict[str, Any]]) -> str:
+    scored = {label: r["default_slider_apm"] for label, r in results.items() if "default_slider_apm" in r}
+    if not scored:
+        return ""
+    names = list(next(iter(scored.values())))
+    rows = [[label, *(values[n] for n in names)] for label, values in scored.items()]
+    return ("\nMean APM prediction (0-4) for the answers at default sliders (no-collapse check)\n\n"
+            + markdown_table(["variant", *names], rows, 2))
 
 
 def finish(results: dict[str, dict[str, Any]], refs: dict[str, Any],
@@ -101,12 +153,16 @@ def finish(results: dict[str, dict[str, Any]], refs: dict[str, Any],
     """Two tables (chars by verbosity, FKGL by complexity) and the matching two-panel plot."""
     count, max_tokens = sizes(args)
     head = [f"L{lvl}" for lvl in LEVELS]
-    text = (f"{count} prompts x 5 levels per slider, greedy, max {max_tokens} tokens per answer "
-            f"(truncated = share of answers cut by that cap). Paper: {PAPER_SOURCE}.\n\n"
+    text = (f"{count} prompts x 5 levels per slider (the other sliders at their defaults), greedy, max "
+            f"{max_tokens} tokens per answer (truncated = share of answers cut by that cap). Targets: monotone, "
+            f"chars x3 from verbosity 0 to 4, +2 grades from complexity 0 to 4. Paper: {PAPER_SOURCE}.\n\n"
             "Mean characters by **verbosity** level\n\n"
-            + markdown_table(["variant", *head, "Spearman ρ", "truncated"], _rows(results, "verbosity", "chars"), 2)
+            + markdown_table(["variant", *head, "Spearman ρ", "L4 / L0", "monotone", "target", "truncated"],
+                             _rows(results, "verbosity", "chars"), 2)
             + "\nMean Flesch-Kincaid grade by **complexity** level\n\n"
-            + markdown_table(["variant", *head, "Spearman ρ", "truncated"], _rows(results, "complexity", "fkgl"), 2))
+            + markdown_table(["variant", *head, "Spearman ρ", "L4 - L0", "monotone", "target", "truncated"],
+                             _rows(results, "complexity", "fkgl"), 2)
+            + _quality_table(results))
     fig, axes = figure(2, width=5.0)
     for ax, (name, measure) in zip(axes[0], SWEEPS.items()):
         for label, r in results.items():

@@ -104,6 +104,8 @@ class BaseConfig(CommonConfig):
     save_steps: int = option(50, "Checkpoint every this many steps; a rerun resumes from the last one.")
     gradient_checkpointing: bool = option(False, "Trade compute for memory (off: tiny models on CPU).")
     keep_checkpoints: bool = option(False, "Keep checkpoints/ in the finished output (off: only the final model).")
+    eval_limit: int | None = option(None, "Evaluate on at most this many held-out rows per source (the held-out "
+                                          "part itself does not change; null: all of it).")
     extra_data: list[str] = option([], "More sources mixed in, each 'FORMAT:PATH' or 'FORMAT:PATH@LIMIT'. Every "
                                        "source is split on its own (same rule and seed), so a source's held-out "
                                        "part never depends on what it is mixed with.")

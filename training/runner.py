@@ -152,6 +152,8 @@ def load_and_split(config: BaseConfig, load: Callable[[str, str], tuple[list[dic
         logger.info("%s: %d train rows, %d held-out rows (grouped by prompt)", data, len(source_train),
                     len(source_test))
         train += source_train
+        if config.eval_limit and len(source_test) > config.eval_limit:  # evaluation cost only: an even spread
+            source_test = source_test[:: len(source_test) // config.eval_limit][: config.eval_limit]
         test += source_test
         entries.append(data_entry(data, report, data_format))
     if not train:

@@ -53,14 +53,34 @@ def test_all_benchmarks_on_a_started_server(tiny_model_dir: Path, tmp_path: Path
     assert "## latency_memory" in summary and "## steerability" in summary and "paper (HelpSteer)" in summary
 
 
-def test_steerability_on_a_given_server(bench_server, tmp_path: Path, data_files) -> None:
+def test_steerability_on_a_given_server(bench_server, tmp_path: Path, data_files, tiny_model_dir: Path) -> None:
+    from steerserve.training.apm import load_apm
+
+    apm, tokenizer, _ = load_apm(str(tiny_model_dir), ["helpfulness", "verbosity"])  # untrained head: wiring only
+    apm.save_pretrained(tmp_path / "apm")
+    tokenizer.save_pretrained(tmp_path / "apm")
     prompts, _ = data_files
     assert main(["steerability", "--quick", "--url", bench_server.url, "--output", str(tmp_path),
-                 "--prompts", str(prompts), "--num-prompts", "1", "--answer-tokens", "8"]) == 0
+                 "--prompts", str(prompts), "--num-prompts", "1", "--answer-tokens", "8",
+                 "--apm", str(tmp_path / "apm")]) == 0
     result = _outputs(tmp_path, "steerability")
-    summary = result["variants"]["tiny:bf16 (transformers)"]["summary"]
+    variant = result["variants"]["tiny:bf16 (transformers)"]
+    summary = variant["summary"]
     assert set(summary["verbosity"]["chars"]) == {"0", "1", "2", "3", "4"}
+    assert set(summary["verbosity"]["target"]) == {"monotone", "ratio", "goal", "met"}
+    assert set(variant["default_slider_apm"]) == {"helpfulness", "verbosity"}
     assert result["paper"]["verbosity"]["chars"] == {"0": 422.0, "4": 1125.0}
+    assert "no-collapse" in (tmp_path / "steerability.md").read_text()
+
+
+def test_target_check_needs_monotone_and_size() -> None:
+    from steerserve.benchmarks.steerability import target_check
+
+    assert target_check("verbosity", {0: 100, 1: 150, 2: 200, 3: 250, 4: 310})["met"]
+    assert not target_check("verbosity", {0: 100, 1: 150, 2: 140, 3: 250, 4: 310})["met"]  # not monotone
+    assert not target_check("verbosity", {0: 100, 1: 150, 2: 200, 3: 250, 4: 290})["met"]  # x2.9
+    gap = target_check("complexity", {0: 5.0, 1: 6.0, 2: 6.5, 3: 7.0, 4: 7.5})
+    assert gap["gap"] == pytest.approx(2.5) and gap["met"]
 
 
 def test_measures() -> None:
@@ -80,3 +100,23 @@ def test_parse_metrics() -> None:
     samples = parse_metrics(text)
     assert samples["steerserve:process_tree_resident_memory_bytes"] == [("", 1.5e8)]
     assert samples["steerserve:model_weight_bytes"][0][1] == 2e6
+
+
+def test_mcq_heldout_part_is_what_training_held_out(tmp_path: Path, data_files) -> None:
+    """--mcq-heldout scores exactly the rows an MCQ SFT run with that test_fraction never trained on."""
+    import argparse
+
+    from steerserve.benchmarks.mcq_accuracy import load_sets
+    from steerserve.training import runner
+    from steerserve.training.config import load_config
+    from steerserve.training.data.mcq import load_mcq_rows
+    from steerserve.training.sft import SFTRecipeConfig
+
+    questions = tmp_path / "many.jsonl"
+    questions.write_text("".join(json.dumps({"question": f"Q{i}?", "choices": ["a", "b", "c", "d"], "answer": i % 4})
+                                 + "\n" for i in range(40)))
+    args = argparse.Namespace(mcq_set=[f"mine={questions}:mcq"], mcq_limit=100, quick=False, mcq_heldout=0.2)
+    benched = load_sets(args)["mine"]["rows"]
+    config = load_config(SFTRecipeConfig, None, [f"data={questions}", "data_format=mcq", "test_fraction=0.2"])
+    train, test, _ = runner.load_and_split(config, lambda d, f: load_mcq_rows(d, f, "train", 0))
+    assert benched == test and len(test) == 8 and not any(row in train for row in benched)

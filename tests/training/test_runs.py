@@ -60,9 +60,9 @@ def test_default_model_recipes_load() -> None:
     defaults = sorted(RECIPE_DIR.glob("*-default*.yaml"))
     assert defaults
     for path in defaults:
-        recipe = path.name.split("-default")[0]
+        recipe = path.name.split("-")[0]
         config = load_config(__import__(RECIPES[recipe], fromlist=["CONFIG"]).CONFIG, path)
-        assert config.model == "default" or Path(config.model).name in ("merged", "apm") or "runs/" in config.model
+        assert config.model in ("default", "runs/steered-default/apm")
 
 
 def test_extra_data_paths_resolve_like_data(tmp_path: Path) -> None:
