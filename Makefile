@@ -1,0 +1,48 @@
+# The steered default model: every checkpoint behind `steerserve serve`'s default sliders, reproduced from
+# ../shared/data with the project's own recipes. Times are for 2 CPU cores (see README, "Steered default").
+#   make steered-default          # apm -> bootstrap -> annotate -> acsft, dpo (robust + sigmoid), mcq; then package
+#   make steered-default RUNS=/data/runs   # somewhere else
+# Each step is a `steerserve train` run: atomic, resumable (rerun after an interruption), never overwritten.
+
+RUNS ?= runs/steered-default
+TRAIN = steerserve train
+RECIPES = training/recipes
+SHIPPED = models/steered-default
+
+.PHONY: steered-default package-steered-default clean-steered-default
+
+steered-default: $(RUNS)/acsft/manifest.json $(RUNS)/dpo-robust/manifest.json $(RUNS)/dpo-sigmoid/manifest.json \
+                 $(RUNS)/mcq/manifest.json
+	$(MAKE) package-steered-default RUNS=$(RUNS)
+
+$(RUNS)/apm/manifest.json:
+	$(TRAIN) apm --config $(RECIPES)/apm-default.yaml --output $(RUNS)/apm
+
+$(RUNS)/bootstrap/manifest.json:
+	$(TRAIN) bootstrap --config $(RECIPES)/bootstrap-default.yaml --output $(RUNS)/bootstrap
+
+$(RUNS)/annotate/manifest.json: $(RUNS)/apm/manifest.json $(RUNS)/bootstrap/manifest.json
+	$(TRAIN) annotate --config $(RECIPES)/annotate-default.yaml --output $(RUNS)/annotate \
+	    --set model=$(RUNS)/apm --set data=$(RUNS)/bootstrap/samples.jsonl
+
+$(RUNS)/acsft/manifest.json: $(RUNS)/annotate/manifest.json
+	$(TRAIN) acsft --config $(RECIPES)/acsft-default.yaml --output $(RUNS)/acsft \
+	    --set data=$(RUNS)/annotate/annotations.jsonl
+
+$(RUNS)/dpo-robust/manifest.json:
+	$(TRAIN) dpo --config $(RECIPES)/dpo-default.yaml --output $(RUNS)/dpo-robust
+
+$(RUNS)/dpo-sigmoid/manifest.json:
+	$(TRAIN) dpo --config $(RECIPES)/dpo-default.yaml --output $(RUNS)/dpo-sigmoid \
+	    --set loss_type=sigmoid --set label_smoothing=0
+
+$(RUNS)/mcq/manifest.json:
+	$(TRAIN) sft --config $(RECIPES)/sft-mcq-default.yaml --output $(RUNS)/mcq
+
+# The LoRA adapters (a few MB each) and their manifests go into the repo; the server applies them to the
+# default model (steerserve.steered_default).
+package-steered-default:
+	python -m steerserve.steered_default package $(RUNS) $(SHIPPED)
+
+clean-steered-default:
+	rm -rf $(RUNS)

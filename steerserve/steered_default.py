@@ -1,0 +1,61 @@
+"""The steered default model: LoRA adapters on SmolLM2-135M-Instruct, shipped in the repo.
+
+``make steered-default`` trains them (training/recipes/*-default.yaml) and packages each
+run's ``adapter/`` with its manifest into ``models/steered-default/<name>/`` (a few MB each);
+``steerserve serve`` with no ``--model`` then serves the base model plus one model id per
+shipped adapter, the SteerLM one under :data:`STEERED_ID`::
+
+    python -m steerserve.steered_default package runs/steered-default models/steered-default
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "models" / "steered-default"
+# run name -> model id it is served under
+ADAPTERS = {"acsft": "steered", "dpo-robust": "dpo-robust", "dpo-sigmoid": "dpo-sigmoid", "mcq": "mcq"}
+STEERED_ID = "steered"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def package(runs: Path, shipped: Path = SHIPPED_DIR) -> list[Path]:
+    """Copy each finished run's adapter + manifest into ``shipped`` (atomically per adapter)."""
+    written = []
+    for run_name in ADAPTERS:
+        run = runs / run_name
+        adapter = run / "adapter"
+        if not (run / "manifest.json").is_file() or not (adapter / "adapter_config.json").is_file():
+            print(f"skip {run_name}: no finished LoRA run at {run}", file=sys.stderr)
+            continue
+        shipped.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{run_name}.", dir=shipped))
+        for name in ADAPTER_FILES:
+            shutil.copy2(adapter / name, work / name)
+        manifest = json.loads((run / "manifest.json").read_text())
+        manifest["name"] = ADAPTERS[run_name]
+        (work / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        target = shipped / run_name
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(work, target)
+        written.append(target)
+        print(f"{target}: {sum(f.stat().st_size for f in target.iterdir()) / 1e6:.1f} MB")
+    return written
+
+
+def shipped_adapters(shipped: Path = SHIPPED_DIR) -> dict[str, Path]:
+    """Model id -> adapter directory for every packaged adapter present."""
+    return {model_id: shipped / run_name for run_name, model_id in ADAPTERS.items()
+            if (shipped / run_name / "adapter_config.json").is_file()}
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 4 or sys.argv[1] != "package":
+        sys.exit("usage: python -m steerserve.steered_default package RUNS_DIR SHIPPED_DIR")
+    sys.exit(0 if package(Path(sys.argv[2]), Path(sys.argv[3])) else 1)

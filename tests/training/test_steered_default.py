@@ -1,0 +1,33 @@
+"""Packaging the steered default's adapters: what `make steered-default` ships into the repo."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from steerserve.steered_default import ADAPTERS, package, shipped_adapters
+
+
+def _fake_lora_run(run: Path, steering: str) -> None:
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "adapter_config.json").write_text(json.dumps({"r": 16, "peft_type": "LORA"}))
+    (run / "adapter" / "adapter_model.safetensors").write_bytes(b"\0" * 64)
+    (run / "model.safetensors").write_bytes(b"\0" * 4096)  # the merged model: never shipped
+    (run / "manifest.json").write_text(json.dumps({"recipe": run.name, "steering": steering}))
+
+
+def test_package_ships_adapters_with_manifests_only(tmp_path: Path) -> None:
+    runs, shipped = tmp_path / "runs", tmp_path / "models"
+    _fake_lora_run(runs / "acsft", "described")
+    _fake_lora_run(runs / "mcq", "instructions")
+    (runs / "dpo-robust").mkdir(parents=True)  # unfinished: skipped, not half-copied
+    written = package(runs, shipped)
+    assert sorted(p.name for p in written) == ["acsft", "mcq"]
+    assert sorted(f.name for f in (shipped / "acsft").iterdir()) == ["adapter_config.json",
+                                                                      "adapter_model.safetensors", "manifest.json"]
+    manifest = json.loads((shipped / "acsft" / "manifest.json").read_text())
+    assert manifest["name"] == ADAPTERS["acsft"] == "steered" and manifest["steering"] == "described"
+    assert shipped_adapters(shipped) == {"steered": shipped / "acsft", "mcq": shipped / "mcq"}
+    assert not [p for p in shipped.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
+    package(runs, shipped)  # repackaging replaces in place
+    assert shipped_adapters(shipped)["steered"] == shipped / "acsft"
