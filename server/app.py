@@ -124,6 +124,10 @@ def model_card(variant: Variant) -> ModelCard:
         disk_bytes=variant.manifest.get("bytes"),
         max_model_len=variant.max_model_len,
         ready=variant.ready,
+        base=variant.base,
+        adapter=variant.base is not None,
+        served_as=variant.served_as,
+        served_as_reason=variant.served_as_reason,
     )
 
 
@@ -147,11 +151,22 @@ async def health(request: Request) -> JSONResponse:
 
 
 def build_registry(settings: ServerSettings) -> VariantRegistry:
-    """Variants for every configured model; ``default`` resolves to the converted default checkpoint."""
-    from steerserve.default_model import DEFAULT_MODEL_NAME, default_model_dir
+    """Variants for every configured model; ``default`` resolves to the converted default checkpoint.
 
+    Checkpoints first, then LoRA adapters (``base=``) on them: an adapter served as LoRA must be
+    registered with its base's engine before that engine starts.
+    """
+    from steerserve.default_model import DEFAULT_MODEL_NAME, default_model_dir
+    from steerserve.server.adapters import add_adapters
+
+    if (settings.tensor_parallel_size, settings.pipeline_parallel_size) != (1, 1):  # refuse before any work
+        from steerserve.server.engines.vllm_args import check_parallel, detect_platform
+
+        check_parallel(settings.tensor_parallel_size, settings.pipeline_parallel_size, detect_platform())
     variants = []
     for spec in settings.models:
+        if spec.base is not None:
+            continue
         if spec.path == "default":
             path = default_model_dir(settings.cache_dir)
             spec = spec.model_copy(update={"name": spec.name or DEFAULT_MODEL_NAME})
@@ -160,6 +175,8 @@ def build_registry(settings: ServerSettings) -> VariantRegistry:
             if not (path / "config.json").is_file():
                 raise FileNotFoundError(f"--model {spec.path}: no config.json there (not a checkpoint directory)")
         variants.append(build_variant(spec, settings, path))
+    adapter_specs = [spec for spec in settings.models if spec.base is not None]
+    variants += add_adapters(adapter_specs, settings, {v.id: v for v in variants})
     return VariantRegistry(settings, variants)
 
 

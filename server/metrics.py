@@ -2,7 +2,9 @@
 
 Each app owns its registry, so several servers (tests) live in one process.
 Every series carries ``model_name`` = the variant id; the same names whichever
-engine serves it.
+engine serves it. ``steerserve:kv_cache_usage_perc`` (vLLM's ``vllm:kv_cache_usage_perc``,
+a 0-1 fraction) has samples only for engines with a preallocated KV cache (vLLM);
+LoRA adapters share their base's cache, so only the base reports it.
 """
 
 from __future__ import annotations
@@ -37,13 +39,18 @@ class _LiveGauges(Collector):
             "Bytes of the variant's weights resident in memory.",
             labels=["model_name", "precision", "engine"],
         )
+        kv_cache = GaugeMetricFamily(
+            "steerserve:kv_cache_usage_perc", "Fraction of the engine's KV cache in use (0-1).", labels=LABEL
+        )
         for v in self._variants():
             engine = v.engine  # type: ignore[attr-defined]
             running.add_metric([v.id], engine.running if v.ready else 0)  # type: ignore[attr-defined]
             waiting.add_metric([v.id], engine.waiting if v.ready else 0)  # type: ignore[attr-defined]
             if v.ready:  # type: ignore[attr-defined]
                 weights.add_metric([v.id, v.precision.value, v.engine_name], engine.weight_bytes())  # type: ignore[attr-defined]
-        yield from (running, waiting, weights, _tree_rss())
+                if engine.kv_cache_usage is not None:
+                    kv_cache.add_metric([v.id], engine.kv_cache_usage)  # type: ignore[attr-defined]
+        yield from (running, waiting, weights, kv_cache, _tree_rss())
 
 
 def _tree_rss() -> GaugeMetricFamily:

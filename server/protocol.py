@@ -211,6 +211,13 @@ class ModelCard(BaseModel):
     max_model_len: int
     ready: bool
     attributes: list[str] = Field(default_factory=lambda: list(ATTRIBUTE_NAMES))
+    base: str | None = None
+    """For a LoRA adapter: the model id it is applied to."""
+    adapter: bool = False
+    served_as: Literal["lora", "merged"] | None = None
+    """For a LoRA adapter: applied per request on the base's engine, or its merged checkpoint on its own."""
+    served_as_reason: str | None = None
+    """Why an adapter is served merged (one line)."""
 
 
 class ModelList(BaseModel):

@@ -1,6 +1,7 @@
 """Server configuration: ``STEERSERVE_*`` environment variables, a YAML file, CLI flags.
 
     STEERSERVE_API_KEY=sk-local steerserve serve --model ./ckpt --engine transformers
+    steerserve serve --model ./base,name=base --model ./runs/sft-lora,base=base:bf16   # + a LoRA adapter
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ class VariantSpec(BaseSettings):
     """steerlm, chat-template or instructions; defaults to the manifest's, else by chat template."""
     max_model_len: int | None = None
     engine_args: dict[str, Any] = Field(default_factory=dict)
+    base: str | None = None
+    """Serve ``path`` as a PEFT LoRA adapter on this variant (its model id, or its name): ``path`` is the
+    adapter directory (adapter_config.json) or a training output holding it under ``adapter/``."""
+    merged: bool = False
+    """Adapters: serve the merged checkpoint on an engine of its own even where LoRA per request works."""
 
     @classmethod
     def parse(cls, text: str) -> VariantSpec:
@@ -60,6 +66,10 @@ class ServerSettings(BaseSettings):
     max_num_seqs: int = 16
     kv_cache_gib: float = 2.0
     enforce_eager: bool = True
+    tensor_parallel_size: int = Field(1, ge=1)
+    """vLLM variants: GPUs each layer is split across (CUDA only; refused on CPU)."""
+    pipeline_parallel_size: int = Field(1, ge=1)
+    """vLLM variants: GPUs the layers are staged across (CUDA only; refused on CPU)."""
     default_max_tokens: int = 512
     """max_tokens when a request gives none (capped by what the context leaves)."""
     max_tokens_limit: int = 4096

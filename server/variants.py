@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from steerserve.precision import SERVING_ENGINES, Precision
+from steerserve.precision import NEEDS_CUDA, SERVING_ENGINES, Precision
 from steerserve.prompts import SteeringMethod, render_chat, stop_strings
 from steerserve.server.engines import load_engine_class
 from steerserve.server.engines.base import Engine, EngineConfig
@@ -49,6 +50,16 @@ class Variant:
     ready: bool = False
     error: str | None = None
     manifest: dict[str, Any] = field(default_factory=dict)
+    tokenizer_path: Path | None = None
+    """Where the tokenizer lives when not at ``path`` (an adapter without its own uses its base's)."""
+    base: str | None = None
+    """For a LoRA adapter: the model id of the variant it is applied to."""
+    served_as: str | None = None
+    """For a LoRA adapter: "lora" (applied per request on the base's engine) or "merged" (own engine)."""
+    served_as_reason: str | None = None
+    """Why an adapter is served merged, in one line."""
+    prepare: Callable[[], None] | None = None
+    """Blocking work before the engine starts (merging an adapter into a cache dir); run off the loop."""
 
     def apply_template(self, messages: list[dict[str, str]]) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -74,13 +85,39 @@ def _default_steering(tokenizer: Any) -> SteeringMethod:
     return SteeringMethod.INSTRUCTIONS if tokenizer.chat_template else SteeringMethod.STEERLM
 
 
+def _unavailable_here(precision: Precision, engine: str) -> str | None:
+    """Why ``engine`` cannot serve ``precision`` on this machine (GPU-only kernels), or None."""
+    if (precision, engine) not in NEEDS_CUDA:
+        return None
+    from steerserve.server.engines.vllm_args import detect_platform, precision_unavailable
+
+    return precision_unavailable(precision, detect_platform())
+
+
 def _pick_engine(precision: Precision, requested: str | None, default: str) -> str:
     able = SERVING_ENGINES[precision]
+    if requested and requested not in able:
+        raise ValueError(f"precision {precision.value} cannot be served by engine {requested!r} (only {able})")
+    reasons = {engine: reason for engine in able if (reason := _unavailable_here(precision, engine))}
+    if requested in reasons:
+        raise ValueError(f"precision {precision.value} on engine {requested!r}: {reasons[requested]}")
+    usable = [engine for engine in able if engine not in reasons]
+    if not usable:
+        raise ValueError(f"precision {precision.value} cannot be served here: {'; '.join(reasons.values())}")
     if requested:
-        if requested not in able:
-            raise ValueError(f"precision {precision.value} cannot be served by engine {requested!r} (only {able})")
         return requested
-    return default if default in able else able[0]
+    return default if default in usable else usable[0]
+
+
+def _parallel_sizes(engine_name: str, settings: ServerSettings) -> tuple[int, int]:
+    """Tensor/pipeline parallel sizes for a vLLM variant, refused (one line) where the GPUs are missing."""
+    sizes = (settings.tensor_parallel_size, settings.pipeline_parallel_size)
+    if engine_name != "vllm" or sizes == (1, 1):
+        return 1, 1
+    from steerserve.server.engines.vllm_args import check_parallel, detect_platform
+
+    check_parallel(*sizes, detect_platform())
+    return sizes
 
 
 def build_variant(spec: VariantSpec, settings: ServerSettings, path: Path) -> Variant:
@@ -91,6 +128,7 @@ def build_variant(spec: VariantSpec, settings: ServerSettings, path: Path) -> Va
     name = spec.name or manifest.get("name") or path.name
     steering = spec.steering or manifest.get("steering")
     max_len = spec.max_model_len or settings.max_model_len
+    tensor_parallel, pipeline_parallel = _parallel_sizes(engine_name, settings)
     config = EngineConfig(
         model=str(path),
         precision=precision,
@@ -98,6 +136,8 @@ def build_variant(spec: VariantSpec, settings: ServerSettings, path: Path) -> Va
         max_num_seqs=settings.max_num_seqs,
         kv_cache_gib=settings.kv_cache_gib,
         enforce_eager=settings.enforce_eager,
+        tensor_parallel_size=tensor_parallel,
+        pipeline_parallel_size=pipeline_parallel,
         extra=dict(spec.engine_args),
     )
     return Variant(
@@ -144,7 +184,10 @@ class VariantRegistry:
         from transformers import AutoTokenizer
 
         try:
-            variant.tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, str(variant.path))
+            if variant.prepare is not None:
+                await asyncio.to_thread(variant.prepare)
+            tokenizer_path = variant.tokenizer_path or variant.path
+            variant.tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, str(tokenizer_path))
             variant.steering = variant.steering or _default_steering(variant.tokenizer)
             if variant.steering is not SteeringMethod.STEERLM and not variant.tokenizer.chat_template:
                 raise ValueError(f"steering {variant.steering.value!r} needs a chat template; the tokenizer has none")

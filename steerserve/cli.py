@@ -2,6 +2,7 @@
 
     steerserve serve                                   # the default model, vLLM engine, 127.0.0.1:8000
     steerserve serve --model ./ckpt,name=steer --engine transformers --port 9000
+    steerserve serve --model ./ckpt,name=steer --model ./runs/sft-lora,base=steer:bf16   # a LoRA adapter on it
     steerserve train dpo --config training/recipes/dpo-tiny.yaml --output runs/dpo
 
 Heavy imports happen inside the subcommand, so ``--help`` is instant.
@@ -25,7 +26,8 @@ def _serve_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="PATH[,key=value...]",
         help="a checkpoint directory (or 'default'), with optional name=, precision=, engine=, steering=, "
-        "max_model_len=; repeat to serve several variants. Default: the default model.",
+        "max_model_len=; or a LoRA adapter directory with base=MODEL_ID (and merged=true to serve it merged); "
+        "repeat to serve several variants. Default: the default model.",
     )
     parser.add_argument("--config", type=Path, help="YAML file with server settings and a models: list")
     parser.add_argument("--engine", help="default engine: vllm (default) or transformers")
@@ -35,6 +37,8 @@ def _serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-model-len", type=int)
     parser.add_argument("--max-num-seqs", type=int, help="most sequences decoded together")
     parser.add_argument("--kv-cache-gib", type=float, help="vLLM KV-cache size in GiB")
+    parser.add_argument("--tensor-parallel-size", type=int, help="vLLM: GPUs each layer is split across (CUDA only)")
+    parser.add_argument("--pipeline-parallel-size", type=int, help="vLLM: GPUs the layers are staged across (CUDA only)")
     parser.add_argument("--default-max-tokens", type=int)
     parser.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
     return parser
@@ -51,7 +55,7 @@ def serve(argv: list[str]) -> int:
     overrides = {
         key: getattr(args, key)
         for key in ("engine", "host", "port", "api_key", "max_model_len", "max_num_seqs", "kv_cache_gib",
-                    "default_max_tokens", "log_level")
+                    "tensor_parallel_size", "pipeline_parallel_size", "default_max_tokens", "log_level")
         if getattr(args, key) is not None
     }
     if args.model:

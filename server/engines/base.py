@@ -36,8 +36,23 @@ class EngineConfig:
     enforce_eager: bool = True
     """vLLM: skip graph compilation (starts in ~25 s instead of ~130 s on CPU)."""
     seed: int = 0
+    tensor_parallel_size: int = 1
+    """vLLM: GPUs each layer is split across (CUDA only)."""
+    pipeline_parallel_size: int = 1
+    """vLLM: GPUs the layers are staged across (CUDA only)."""
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
     """Engine-specific arguments passed through unchanged (e.g. vLLM engine args)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterConfig:
+    """A PEFT LoRA adapter to apply per request on an engine's base weights."""
+
+    name: str
+    """Unique per engine (the adapter's model id)."""
+    path: str
+    """Directory with adapter_config.json and the adapter weights."""
+    rank: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +116,10 @@ class EngineOverloaded(EngineError):
     """The engine's queue is full; try again later."""
 
 
+class AdaptersUnsupported(EngineError):
+    """This engine cannot apply an adapter per request (the message says why in one line)."""
+
+
 class Engine(abc.ABC):
     """One loaded model. Concurrent ``generate`` calls must be batched by the engine."""
 
@@ -142,6 +161,19 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def weight_bytes(self) -> int:
         """Bytes of the weights resident in memory (not the file size)."""
+
+    def adapter_engine(self, adapter: AdapterConfig) -> Engine:
+        """An engine serving ``adapter`` per request on these weights; call before :meth:`start`.
+
+        Engines without per-request adapters raise :class:`AdaptersUnsupported`; the server
+        then serves the merged checkpoint on an engine of its own.
+        """
+        raise AdaptersUnsupported(f"the {self.name} engine applies no LoRA adapters per request")
+
+    @property
+    def kv_cache_usage(self) -> float | None:
+        """Fraction (0-1) of the preallocated KV cache in use; None for engines without one."""
+        return None
 
     @property
     def running(self) -> int:

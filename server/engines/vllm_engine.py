@@ -20,10 +20,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
-import json
 import logging
-import os
-import struct
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -33,13 +30,14 @@ from vllm import SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import GracefulHTTPError, VLLMValidationError
 from vllm.inputs import TokensPrompt
-from vllm.platforms import current_platform
+from vllm.lora.request import LoRARequest
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
-from vllm.v1.metrics.loggers import StatLoggerBase
 
 from steerserve.server.engines.base import (
+    AdapterConfig,
+    AdaptersUnsupported,
     ContextLengthExceeded,
     Engine,
     EngineConfig,
@@ -51,34 +49,22 @@ from steerserve.server.engines.base import (
     GenerationDelta,
     SamplingOptions,
 )
+from steerserve.server.engines.vllm_args import LoRASlots, detect_platform, engine_kwargs, lora_rank_slot
+from steerserve.server.engines.vllm_args import configure_cpu_threads as _configure_cpu_threads
+from steerserve.server.engines.vllm_lora import VLLMAdapterEngine, lora_problems
+from steerserve.server.engines.vllm_stats import StepStatLogger, StepStats
+from steerserve.server.engines.weights import checkpoint_weight_bytes
+
+# Re-exported: tests and training/quantize/vllm_scorer.py import these from here.
+__all__ = ["VLLMEngine", "checkpoint_weight_bytes", "_configure_cpu_threads"]
 
 logger = logging.getLogger(__name__)
 
-_GIB = 1 << 30
 _MAX_LOGPROB_IDS = 128
 """vLLM's cap on ``SamplingParams.logprob_token_ids`` (``MAX_LOGPROB_TOKEN_IDS``)."""
 _GREEDY_BELOW = 1e-5
 """Temperatures below this decode greedily in vLLM (its ``_SAMPLING_EPS``)."""
 _FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "abort", "repetition": "stop"}
-_FLOAT_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
-_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-
-
-class _StepStatLogger(StatLoggerBase):
-    """Per-engine vLLM stat logger that reports each scheduler step to a :class:`VLLMEngine`."""
-
-    def __init__(self, vllm_config: Any, engine_index: int = 0, *, sink: VLLMEngine | None = None) -> None:
-        self._sink = sink
-
-    def record(
-        self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None, engine_idx: int = 0
-    ) -> None:
-        if scheduler_stats is not None and self._sink is not None:
-            waiting = scheduler_stats.num_waiting_reqs + getattr(scheduler_stats, "num_skipped_waiting_reqs", 0)
-            self._sink._observe_step(scheduler_stats.num_running_reqs, waiting)
-
-    def log_engine_initialized(self) -> None:
-        pass
 
 
 class VLLMEngine(Engine):
@@ -91,8 +77,10 @@ class VLLMEngine(Engine):
         self._engine: AsyncLLM | None = None
         self._max_model_len = config.max_model_len
         self._weight_bytes = 0
-        self._running = 0
-        self._waiting = 0
+        self._step = StepStats()
+        self._kv_cache_usage: float | None = None
+        self._adapters: dict[str, VLLMAdapterEngine] = {}
+        """Adapter name -> its view (served as LoRA by this engine, registered before start)."""
         self._active: set[str] = set()
         self._start_lock = asyncio.Lock()
 
@@ -106,36 +94,38 @@ class VLLMEngine(Engine):
     async def _build(self) -> None:
         _configure_cpu_threads()
         args = AsyncEngineArgs(**self.engine_kwargs())
-        loggers = [functools.partial(_StepStatLogger, sink=self)]
+        loggers = [functools.partial(StepStatLogger, sink=self._observe_step)]
         # The build blocks for ~25 s (it waits for the engine processes): keep the event loop free.
         engine = await asyncio.to_thread(AsyncLLM.from_engine_args, args, stat_loggers=loggers)
         self._max_model_len = engine.model_config.max_model_len
-        self._weight_bytes = checkpoint_weight_bytes(Path(self.config.model), args.dtype)
+        self._weight_bytes = checkpoint_weight_bytes(
+            Path(self.config.model), args.dtype, fp8=args.quantization == "fp8"
+        )
+        self._kv_cache_usage = 0.0
         self._engine = engine
         logger.info("vLLM engine ready: %s (%s)", self.config.model, self.config.precision.value)
 
     def engine_kwargs(self) -> dict[str, Any]:
-        """vLLM engine arguments for this config; ``config.extra`` overrides any of them."""
-        cfg = self.config
-        kwargs: dict[str, Any] = {
-            "model": cfg.model,
-            # Quantized precisions: vLLM reads the checkpoint's quantization_config; bf16 compute.
-            "dtype": cfg.precision.torch_dtype_name,
-            "max_model_len": cfg.max_model_len,
-            "max_num_seqs": cfg.max_num_seqs,
-            "enforce_eager": cfg.enforce_eager,
-            "seed": cfg.seed,
-            # Logprobs of the unmodified logits: next_token_logprobs must be the exact softmax.
-            "logprobs_mode": "raw_logprobs",
-        }
-        if current_platform.is_cpu():
-            # Per engine, unlike the process-wide VLLM_CPU_KVCACHE_SPACE (which, when set, still wins).
-            # On GPU vLLM sizes the cache from gpu_memory_utilization unless extra says otherwise.
-            kwargs["kv_cache_memory_bytes"] = max(int(cfg.kv_cache_gib * _GIB), _GIB // 4)
-        kwargs.update(cfg.extra)
-        if kwargs["logprobs_mode"] != "raw_logprobs":
-            logger.warning("logprobs_mode=%s: next_token_logprobs is no longer exact", kwargs["logprobs_mode"])
-        return kwargs
+        """vLLM engine arguments for this config on this platform (see :mod:`.vllm_args`)."""
+        ranks = [view.adapter.rank for view in self._adapters.values()]
+        return engine_kwargs(self.config, detect_platform(), LoRASlots.for_ranks(ranks))
+
+    def adapter_engine(self, adapter: AdapterConfig) -> VLLMAdapterEngine:
+        """A view of this engine that adds ``adapter`` (a vLLM ``LoRARequest``) to every request."""
+        if self._engine is not None:
+            raise AdaptersUnsupported("adapters must be registered before the vLLM engine starts")
+        try:
+            lora_rank_slot(adapter.rank)
+            problems = lora_problems(Path(adapter.path))
+        except ValueError as exc:
+            raise AdaptersUnsupported(str(exc)) from None
+        if problems:
+            raise AdaptersUnsupported(" ".join(problems))
+        if adapter.name in self._adapters:
+            raise ValueError(f"adapter {adapter.name!r} is registered twice")
+        view = VLLMAdapterEngine(self, adapter, LoRARequest(adapter.name, len(self._adapters) + 1, adapter.path))
+        self._adapters[adapter.name] = view
+        return view
 
     async def shutdown(self) -> None:
         engine, self._engine = self._engine, None
@@ -148,12 +138,16 @@ class VLLMEngine(Engine):
                 logger.warning("aborting requests before shutdown failed", exc_info=True)
         # Joins the engine processes (seconds); vLLM supports calling it off the loop's thread.
         await asyncio.to_thread(engine.shutdown)
-        self._running = self._waiting = 0
+        self._step, self._kv_cache_usage = StepStats(), None
         logger.info("vLLM engine shut down: %s", self.config.model)
 
     # ------------------------------------------------------------------ requests
 
-    async def generate(self, request: EngineRequest) -> AsyncIterator[GenerationDelta]:
+    def generate(self, request: EngineRequest) -> AsyncIterator[GenerationDelta]:
+        return self.generate_with(request, None)
+
+    async def generate_with(self, request: EngineRequest, lora: LoRARequest | None) -> AsyncIterator[GenerationDelta]:
+        """:meth:`generate`, on the base weights or with a LoRA adapter."""
         engine = self._require_engine()
         options = request.options
         self._check_prompt_length(request.prompt_token_ids, options.max_tokens)
@@ -161,7 +155,7 @@ class VLLMEngine(Engine):
         copies = options.n if options.temperature < _GREEDY_BELOW else 1
         params = _sampling_params(options, n=options.n // copies)
         started: set[int] = set()
-        stream = self._stream(engine, request.prompt_token_ids, params, request.request_id)
+        stream = self._stream(engine, request.prompt_token_ids, params, request.request_id, lora)
         # aclosing: when our consumer leaves early, close (and so abort) the vLLM request now.
         async with contextlib.aclosing(stream):
             async for out in stream:
@@ -169,22 +163,27 @@ class VLLMEngine(Engine):
                     for index in range(copies):
                         yield delta if copies == 1 else dataclasses.replace(delta, index=index)
 
-    async def next_token_logprobs(self, prompt_token_ids: list[int], candidates: list[int]) -> list[float]:
+    async def next_token_logprobs(
+        self, prompt_token_ids: list[int], candidates: list[int], lora: LoRARequest | None = None
+    ) -> list[float]:
         """Exact log-softmax over the full vocabulary (vLLM raw logprobs of ``logprob_token_ids``)."""
         engine = self._require_engine()
         self._check_prompt_length(prompt_token_ids, 1)
         wanted = list(dict.fromkeys(candidates))
         found: dict[int, float] = {}
         for start in range(0, len(wanted), _MAX_LOGPROB_IDS):
-            found.update(await self._raw_logprobs(engine, prompt_token_ids, wanted[start : start + _MAX_LOGPROB_IDS]))
+            chunk = wanted[start : start + _MAX_LOGPROB_IDS]
+            found.update(await self._raw_logprobs(engine, prompt_token_ids, chunk, lora))
         return [found[token] for token in candidates]
 
-    async def _raw_logprobs(self, engine: AsyncLLM, prompt_token_ids: list[int], ids: list[int]) -> dict[int, float]:
+    async def _raw_logprobs(
+        self, engine: AsyncLLM, prompt_token_ids: list[int], ids: list[int], lora: LoRARequest | None
+    ) -> dict[int, float]:
         params = SamplingParams(
             max_tokens=1, temperature=0.0, logprob_token_ids=ids, output_kind=RequestOutputKind.FINAL_ONLY
         )
         final = None
-        async for out in self._stream(engine, prompt_token_ids, params, f"logprobs-{uuid.uuid4().hex}"):
+        async for out in self._stream(engine, prompt_token_ids, params, f"logprobs-{uuid.uuid4().hex}", lora):
             final = out
         if final is None or not final.outputs or not final.outputs[0].logprobs:
             raise EngineError("vLLM returned no logprobs for the next token")
@@ -192,11 +191,16 @@ class VLLMEngine(Engine):
         return {token: float(step[token].logprob) for token in ids}
 
     async def _stream(
-        self, engine: AsyncLLM, prompt_token_ids: list[int], params: SamplingParams, request_id: str
+        self,
+        engine: AsyncLLM,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        lora: LoRARequest | None = None,
     ) -> AsyncIterator[Any]:
         """vLLM's outputs for one request, its errors mapped; aborts it if the consumer leaves early."""
         prompt = TokensPrompt(prompt_token_ids=list(prompt_token_ids))
-        outputs = engine.generate(prompt, params, request_id)
+        outputs = engine.generate(prompt, params, request_id, lora_request=lora)
         self._active.add(request_id)
         done = False
         try:
@@ -240,20 +244,35 @@ class VLLMEngine(Engine):
     def running(self) -> int:
         # Stats arrive only after engine steps: after an abort that empties the engine
         # no step reports 0, so trust the frontend's count of unfinished requests first.
-        return self._running if self._has_unfinished() else 0
+        # Requests of adapters served here are counted by their own views.
+        return self._step.base_running if self._has_unfinished() else 0
 
     @property
     def waiting(self) -> int:
-        return self._waiting if self._has_unfinished() else 0
+        return self._step.base_waiting if self._has_unfinished() else 0
 
-    def _observe_step(self, running: int, waiting: int) -> None:
-        """Called by the stat logger after every engine step."""
-        self._running, self._waiting = running, waiting
-        if running > 0 and self.on_step is not None:
-            try:
-                self.on_step(running)
-            except Exception:  # noqa: BLE001 - metrics must never break vLLM's output loop
-                logger.exception("on_step callback failed")
+    def adapter_counts(self, name: str) -> tuple[int, int]:
+        """(running, waiting) requests of one adapter, from the last step's stats."""
+        if not self._has_unfinished():
+            return 0, 0
+        return self._step.lora_running.get(name, 0), self._step.lora_waiting.get(name, 0)
+
+    @property
+    def kv_cache_usage(self) -> float | None:
+        """vLLM's KV-cache usage (0-1) after the last step; adapters share it."""
+        return self._kv_cache_usage
+
+    def _observe_step(self, step: StepStats) -> None:
+        """Called by the stat logger after every engine step; feeds the batch-size observers."""
+        self._step, self._kv_cache_usage = step, step.kv_cache_usage
+        observers = [(self.on_step, step.base_running)]
+        observers += [(self._adapters[n].on_step, k) for n, k in step.lora_running.items() if n in self._adapters]
+        for observer, size in observers:
+            if size > 0 and observer is not None:
+                try:
+                    observer(size)
+                except Exception:  # noqa: BLE001 - metrics must never break vLLM's output loop
+                    logger.exception("on_step callback failed")
 
     def _has_unfinished(self) -> bool:
         engine = self._engine
@@ -325,46 +344,3 @@ def _queued_seconds(metrics: Any) -> float | None:
     if queued <= 0.0 or scheduled < queued:
         return None
     return scheduled - queued
-
-
-def _configure_cpu_threads() -> None:
-    """On CPU, let vLLM use every core: by default it reserves one (half of a 2-core machine)."""
-    if current_platform.is_cpu() and not os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
-        cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-        cores = cores or list(range(os.cpu_count() or 1))
-        contiguous = cores == list(range(cores[0], cores[-1] + 1))
-        bind = f"{cores[0]}-{cores[-1]}" if contiguous else ",".join(map(str, cores))
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
-        logger.info("VLLM_CPU_OMP_THREADS_BIND=%s (all cores)", bind)
-
-
-def checkpoint_weight_bytes(model_dir: Path, dtype: str) -> int:
-    """Bytes the checkpoint's tensors take once loaded: float tensors cast to ``dtype``.
-
-    Reads only the safetensors headers. Integer tensors (packed quantized weights) keep
-    their stored size. Tied embeddings are stored (and loaded) once.
-    """
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        logger.warning("no safetensors files in %s; weight_bytes reports 0", model_dir)
-        return 0
-    float_bytes = _DTYPE_BYTES.get(dtype)
-    total = 0
-    for path in files:
-        for info in _safetensors_header(path).values():
-            stored = info["data_offsets"][1] - info["data_offsets"][0]
-            itemsize = _FLOAT_BYTES.get(info["dtype"])
-            if itemsize is None or float_bytes is None:
-                total += stored
-            else:
-                total += stored // itemsize * float_bytes
-    return total
-
-
-def _safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
-    """Tensor name -> {"dtype", "shape", "data_offsets"} from a safetensors file's header."""
-    with path.open("rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(length))
-    header.pop("__metadata__", None)
-    return header
