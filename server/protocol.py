@@ -135,7 +135,7 @@ def _now() -> int:
 
 # Extension fields every response ends with (after OpenAI's own):
 #   attributes: the full attribute set that was applied (defaults filled in); None when nothing was steered
-#   steering:   how the sliders reached the prompt (steerlm, chat-template, instructions)
+#   steering:   how the sliders reached the prompt (steerlm, chat-template, instructions, described)
 
 
 class ChatCompletionResponse(BaseModel):
@@ -204,7 +204,7 @@ class ModelCard(BaseModel):
     precision: str
     engine: str
     steering: str
-    """How sliders reach the prompt: steerlm, chat-template or instructions."""
+    """How sliders reach the prompt: steerlm, chat-template, instructions or described."""
     weight_bytes: int | None = None
     disk_bytes: int | None = None
     """Bytes of the checkpoint on disk, from its manifest's ``bytes`` (quantized variants have it)."""

@@ -28,7 +28,7 @@ class VariantSpec(BaseSettings):
     engine: str | None = None
     """Defaults to the server's --engine (or the first engine able to serve the precision)."""
     steering: str | None = None
-    """steerlm, chat-template or instructions; defaults to the manifest's, else by chat template."""
+    """steerlm, chat-template, instructions or described; defaults to the manifest's, else by chat template."""
     max_model_len: int | None = None
     engine_args: dict[str, Any] = Field(default_factory=dict)
     base: str | None = None
