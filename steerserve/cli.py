@@ -31,6 +31,9 @@ def _serve_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", type=Path, help="YAML file with server settings and a models: list")
     parser.add_argument("--engine", help="default engine: vllm (default) or transformers")
+    parser.add_argument("--no-shipped-adapters", action="store_true",
+                        help="without --model: serve the default model alone, not its shipped LoRA adapters "
+                             "(models/steered-default: steered, dpo-robust, dpo-sigmoid, mcq)")
     parser.add_argument("--host")
     parser.add_argument("--port", type=int)
     parser.add_argument("--api-key", help="require this bearer key (or set STEERSERVE_API_KEY)")
@@ -61,8 +64,11 @@ def serve(argv: list[str]) -> int:
     if args.model:
         overrides["models"] = [VariantSpec.parse(text) for text in args.model]
     settings = ServerSettings.from_yaml(args.config, **overrides) if args.config else ServerSettings(**overrides)
-    if not settings.models:
-        settings = settings.model_copy(update={"models": [VariantSpec(path="default")]})
+    if not settings.models:  # the default model, plus the steered adapters shipped for it (make steered-default)
+        from steerserve.steered_default import default_model_specs
+
+        specs = default_model_specs() if not args.no_shipped_adapters else [VariantSpec(path="default")]
+        settings = settings.model_copy(update={"models": specs})
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
     # SIGTERM: uvicorn stops accepting and waits up to the grace period for in-flight requests;

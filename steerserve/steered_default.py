@@ -55,6 +55,15 @@ def shipped_adapters(shipped: Path = SHIPPED_DIR) -> dict[str, Path]:
             if (shipped / run_name / "adapter_config.json").is_file()}
 
 
+def default_model_specs(shipped: Path = SHIPPED_DIR) -> list:
+    """What ``steerserve serve`` serves with no ``--model``: the default model and its shipped adapters."""
+    from steerserve.default_model import DEFAULT_MODEL_NAME
+    from steerserve.server.settings import VariantSpec
+
+    return [VariantSpec(path="default"), *(VariantSpec(path=str(adapter), base=DEFAULT_MODEL_NAME)
+                                           for adapter in shipped_adapters(shipped).values())]
+
+
 if __name__ == "__main__":
     if len(sys.argv) != 4 or sys.argv[1] != "package":
         sys.exit("usage: python -m steerserve.steered_default package RUNS_DIR SHIPPED_DIR")

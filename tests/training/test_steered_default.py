@@ -31,3 +31,15 @@ def test_package_ships_adapters_with_manifests_only(tmp_path: Path) -> None:
     assert not [p for p in shipped.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
     package(runs, shipped)  # repackaging replaces in place
     assert shipped_adapters(shipped)["steered"] == shipped / "acsft"
+
+
+def test_serve_without_models_adds_the_shipped_adapters(tmp_path: Path) -> None:
+    from steerserve.steered_default import default_model_specs
+
+    runs, shipped = tmp_path / "runs", tmp_path / "models"
+    _fake_lora_run(runs / "acsft", "described")
+    package(runs, shipped)
+    specs = default_model_specs(shipped)
+    assert [s.path for s in specs] == ["default", str(shipped / "acsft")]
+    assert specs[1].base == "smollm2-135m-instruct" and specs[0].base is None
+    assert [s.path for s in default_model_specs(tmp_path / "nothing")] == ["default"]
