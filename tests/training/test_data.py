@@ -223,3 +223,27 @@ def test_missing_file_and_unknown_format(tmp_path: Path) -> None:
         load_rows("mcq", str(tmp_path), "mcq")
     with pytest.raises(ValueError, match="unknown MCQ format 'sciqq'"):
         load_rows("mcq", str(tmp_path), "sciqq")
+
+
+def test_oasst_sibling_ranks_make_pairs_with_the_whole_conversation(tmp_path: Path) -> None:
+    tree = [
+        {"message_id": "p1", "parent_id": None, "role": "prompter", "text": "Name a planet."},
+        {"message_id": "a1", "parent_id": "p1", "role": "assistant", "text": "Mars.", "rank": 0},
+        {"message_id": "a2", "parent_id": "p1", "role": "assistant", "text": "The Moon.", "rank": 2},
+        {"message_id": "a3", "parent_id": "p1", "role": "assistant", "text": "Venus.", "rank": 1},
+        {"message_id": "a4", "parent_id": "p1", "role": "assistant", "text": "Pluto?", "rank": None},
+        {"message_id": "p2", "parent_id": "a1", "role": "prompter", "text": "Another one?"},
+        {"message_id": "b1", "parent_id": "p2", "role": "assistant", "text": "Jupiter.", "rank": 0},
+        {"message_id": "b2", "parent_id": "p2", "role": "assistant", "text": "Jupiter.", "rank": 1},
+    ]
+    pairs, report = load_rows("preferences", str(write_jsonl(tmp_path / "tree.jsonl", tree)), "oasst-ranks")
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [("Mars.", "Venus."), ("Mars.", "The Moon."),
+                                                             ("Venus.", "The Moon.")]
+    assert pairs[0]["prompt"] == [{"role": "user", "content": "Name a planet."}]
+    assert report.skipped == {"no sibling rank": 1, "chosen and rejected are identical": 1}
+
+
+@needs_shared
+def test_oasst_ranks_on_the_real_tree() -> None:
+    pairs, report = load_rows("preferences", str(SHARED / "oasst1/oasst1_en_validation.jsonl"), "oasst-ranks")
+    assert len(pairs) > 900 and any(len(p["prompt"]) > 1 for p in pairs)  # follow-ups keep their context

@@ -1,6 +1,6 @@
 """Preference pairs: a prompt (chat messages), a chosen and a rejected assistant reply.
 
-Three sources: HH-RLHF transcripts (``"\\n\\nHuman: ...\\n\\nAssistant: ..."``),
+Four sources: oasst1 sibling ranks (``oasst-ranks``), HH-RLHF transcripts (``"\\n\\nHuman: ...\\n\\nAssistant: ..."``),
 any JSON/JSONL/CSV/parquet with ``prompt, chosen, rejected`` (text or TRL's
 conversational lists), and attribute rows (two replies to one prompt, the more
 helpful one chosen, ties dropped)::
@@ -127,6 +127,47 @@ def pairs_from_attribute_rows(
     return pairs
 
 
+def _conversation(message_id: str, by_id: dict[str, dict[str, Any]]) -> Messages:
+    """The turns from the tree's root down to ``message_id`` (oasst1 message trees)."""
+    turns: Messages = []
+    while message_id in by_id:
+        record = by_id[message_id]
+        turns.append({"role": "user" if record.get("role") == "prompter" else "assistant",
+                       "content": record.get("text") or ""})
+        message_id = record.get("parent_id")
+    return turns[::-1]
+
+
+def _oasst_rank_pairs(source: str, split: str, report: LoadReport) -> Iterable[PreferencePair]:
+    """Sibling assistant replies of an oasst1 tree: the better-ranked one (lower ``rank``) chosen.
+
+    Every two ranked siblings make a pair; the prompt is the whole conversation up to their parent,
+    so follow-up turns keep their context. Unranked or deleted replies are skipped with the reason.
+    """
+    records = list(read_records(source, split))
+    by_id = {record.get("message_id"): record for _, record in records}
+    siblings: dict[str, list[tuple[Location, dict[str, Any]]]] = {}
+    for location, record in records:
+        if record.get("role") != "assistant":
+            continue
+        if record.get("deleted"):
+            report.skip(location, "deleted message")
+        elif record.get("rank") is None:
+            report.skip(location, "no sibling rank")
+        elif record.get("parent_id") not in by_id:
+            report.skip(location, "parent prompt not in the data")
+        else:
+            siblings.setdefault(record["parent_id"], []).append((location, record))
+    for parent, group in siblings.items():
+        prompt = _conversation(parent, by_id)
+        ranked = sorted(group, key=lambda item: item[1]["rank"])
+        for (_, better), (location, worse) in itertools.combinations(ranked, 2):
+            if better["rank"] == worse["rank"]:
+                report.skip(location, "tie in rank")
+                continue
+            yield from _checked_pair(prompt, better.get("text") or "", worse.get("text") or "", location, report)
+
+
 def _attribute_pairs(data_format: str) -> Any:
     def read(source: str, split: str, report: LoadReport) -> list[PreferencePair]:
         rows, row_report = load_attribute_rows(source, data_format, split)
@@ -141,6 +182,7 @@ READERS = {
     "pairs": _plain_pairs,
     "helpsteer": _attribute_pairs("helpsteer"),
     "oasst": _attribute_pairs("oasst"),
+    "oasst-ranks": _oasst_rank_pairs,
 }
 FORMATS = tuple(READERS)
 
