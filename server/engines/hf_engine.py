@@ -15,56 +15,32 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import dataclasses
 import gc
 import logging
-import random
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import torch
 
 from steerserve.precision import Precision
-from steerserve.server.engines.base import (
-    ContextLengthExceeded,
-    Engine,
-    EngineConfig,
-    EngineError,
-    EngineNotReady,
-    EngineOverloaded,
-    InvalidRequest,
-    EngineRequest,
-    GenerationDelta,
-)
+from steerserve.server.engines.base import EngineConfig, EngineError, EngineRequest, GenerationDelta, InvalidRequest
 from steerserve.server.engines.hf_scheduler import (
     DecodeBatch,
     Sequence,
-    TextTracker,
     enable_padded_attention,
     model_weight_bytes,
 )
+from steerserve.server.engines.threaded import PendingRequest, ThreadedEngine, generation_failed
 
 logger = logging.getLogger(__name__)
 
-_NOT_READY = {
-    "new": "the engine is not started",
-    "loading": "the engine is still loading",
-    "failed": "the engine's scheduler failed",
-    "closed": "the engine was shut down",
-}
-_CONTEXT_IDS = 5  # prompt ids decoded with the output, so a first token's leading space survives
-
 
 @dataclasses.dataclass(eq=False)
-class _Request:
-    """Event-loop side of one request: its choices and the queue its stream reads."""
+class _Request(PendingRequest):
+    """One request's choices; the scheduler delivers their deltas on the event loop."""
 
-    request: EngineRequest
-    seqs: list[Sequence]
-    arrival: float
-    queue: asyncio.Queue = dataclasses.field(default_factory=asyncio.Queue)
+    seqs: list[Sequence] = dataclasses.field(default_factory=list)
 
 
 def load_kwargs(config: EngineConfig) -> dict[str, Any]:
@@ -114,48 +90,21 @@ def _warn_once(logger_name: str, prefix: str) -> None:
         target.addFilter(_OnceFilter(prefix))
 
 
-class TransformersEngine(Engine):
+class TransformersEngine(ThreadedEngine[_Request]):
     """Continuous batching over a transformers ``AutoModelForCausalLM``."""
 
     name = "transformers"
+    thread_name = "hf-engine"
 
     def __init__(self, config: EngineConfig) -> None:
         super().__init__(config)
-        self._state = "new"  # new -> loading -> ready -> (failed) -> closed
         self._model: Any = None
-        self._tokenizer: Any = None
         self._batch: DecodeBatch | None = None
-        self._eos_ids: frozenset[int] = frozenset()
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._task: asyncio.Task | None = None
         self._wakeup = asyncio.Event()
         self._waiting: collections.deque[_Request] = collections.deque()
-        self._active: dict[str, list[_Request]] = {}
-        self._seeds = random.Random(config.seed)  # unseeded requests: reproducible per engine run
-        self._max_waiting = int(config.extra.get("max_waiting", 1024))
 
     # ------------------------------------------------------------------ lifecycle
-
-    async def start(self) -> None:
-        if self._state == "ready":
-            return
-        if self._state != "new":
-            raise EngineNotReady(f"the engine cannot restart ({self._state})")
-        self._state = "loading"
-        executor = self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hf-engine")
-        try:
-            await asyncio.get_running_loop().run_in_executor(executor, self._load)
-        except BaseException:
-            executor.shutdown(wait=False)
-            if self._state == "loading":
-                self._executor, self._state = None, "new"
-            raise
-        if self._state != "loading":  # shut down while loading
-            self._model = self._tokenizer = self._batch = None
-            raise EngineNotReady(_NOT_READY["closed"])
-        self._task = asyncio.create_task(self._run(), name="hf-engine-scheduler")
-        self._task.add_done_callback(self._on_scheduler_exit)
-        self._state = "ready"
 
     def _load(self) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -174,79 +123,30 @@ class TransformersEngine(Engine):
             "padded" if padded else model.config._attn_implementation, time.monotonic() - started,
         )
 
-    async def shutdown(self) -> None:
-        if self._state == "closed":
-            return
-        self._state = "closed"
+    def _on_ready(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="hf-engine-scheduler")
+        self._task.add_done_callback(self._on_scheduler_exit)
+
+    async def _stop_feeding(self) -> None:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        for req in self._all_requests():
-            self._finish(req, "abort")
-        self._waiting.clear()
-        if self._executor is not None:  # waits for a forward still in flight before dropping the model
-            await asyncio.to_thread(self._executor.shutdown, True)
-        self._model = self._tokenizer = self._batch = self._executor = None
-        gc.collect()
 
-    def _check_ready(self) -> None:
-        if self._state != "ready":
-            raise EngineNotReady(_NOT_READY[self._state])
+    def _unload(self) -> None:
+        self._waiting.clear()
+        self._model = self._tokenizer = self._batch = None
+        gc.collect()
 
     # ------------------------------------------------------------------ requests
 
-    def generate(self, request: EngineRequest) -> AsyncIterator[GenerationDelta]:
-        self._check_ready()
-        opts, prompt = request.options, request.prompt_token_ids
-        if not prompt:
-            raise InvalidRequest("the prompt has no tokens")
-        if opts.n < 1 or opts.max_tokens < 1:
-            raise InvalidRequest("n and max_tokens must be at least 1")
-        if len(prompt) >= self.config.max_model_len:
-            raise ContextLengthExceeded(len(prompt), opts.max_tokens, self.config.max_model_len)
-        return self._stream(request)
-
-    async def _stream(self, request: EngineRequest) -> AsyncIterator[GenerationDelta]:
-        req = self._enqueue(request)
-        try:
-            open_choices = len(req.seqs)
-            while open_choices:
-                item = await req.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                if item.finish_reason is not None:
-                    open_choices -= 1
-                yield item
-        finally:  # consumer gone (aclose, cancellation) or done: free the slot at the next step
-            self._release(req)
-
-    def _enqueue(self, request: EngineRequest) -> _Request:
-        self._check_ready()
-        if len(self._waiting) >= self._max_waiting:
-            raise EngineOverloaded(f"{len(self._waiting)} requests are already waiting")
-        opts = request.options
-        seed = opts.seed if opts.seed is not None else self._seeds.getrandbits(63)
-        context = request.prompt_token_ids[-_CONTEXT_IDS:]
-        seqs = [
-            Sequence(
-                index=i, prompt_ids=list(request.prompt_token_ids), options=opts,
-                generator=torch.Generator().manual_seed((seed + i) % 2**63),
-                tracker=TextTracker(self._tokenizer, context, opts.stop), eos_ids=self._eos_ids,
-                max_model_len=self.config.max_model_len,
-            )
-            for i in range(opts.n)
-        ]
-        req = _Request(request, seqs, time.monotonic())
-        for seq in seqs:
+    def _submit(self, request: EngineRequest) -> _Request:
+        seed = self._seed(request.options)
+        req = _Request(request, seqs=[self._sequence(request, i, seed) for i in range(request.options.n)])
+        for seq in req.seqs:
             seq.owner = req
         self._waiting.append(req)
-        self._active.setdefault(request.request_id, []).append(req)
         self._wakeup.set()
         return req
-
-    def _all_requests(self) -> list[_Request]:
-        """A snapshot: ending a request removes it from ``_active``."""
-        return [req for same_id in self._active.values() for req in same_id]
 
     def _release(self, req: _Request) -> None:
         for seq in req.seqs:
@@ -257,12 +157,11 @@ class TransformersEngine(Engine):
     def _forget(self, req: _Request) -> None:
         if req in self._waiting:
             self._waiting.remove(req)
-        same_id = self._active.get(req.request.request_id, [])
-        if req in same_id:
-            same_id.remove(req)
-            if not same_id:
-                del self._active[req.request.request_id]
+        self._unregister(req)
         self._wakeup.set()  # the scheduler drops aborted rows at its next step
+
+    def _cancel(self, req: _Request) -> None:
+        self._finish(req, "abort")
 
     def _finish(self, req: _Request, reason: str) -> None:
         """End every open choice of ``req`` with ``reason`` (the stream then ends by itself)."""
@@ -278,19 +177,6 @@ class TransformersEngine(Engine):
             seq.aborted = seq.closed = True
         req.queue.put_nowait(error)
         self._forget(req)
-
-    async def abort(self, request_id: str) -> None:
-        for req in list(self._active.get(request_id, [])):
-            self._finish(req, "abort")
-
-    async def next_token_logprobs(self, prompt_token_ids: list[int], candidates: list[int]) -> list[float]:
-        self._check_ready()
-        if not prompt_token_ids:
-            raise InvalidRequest("the prompt has no tokens")
-        if len(prompt_token_ids) > self.config.max_model_len:
-            raise ContextLengthExceeded(len(prompt_token_ids), 0, self.config.max_model_len)
-        loop = asyncio.get_running_loop()  # same worker thread: never overlaps a decode step
-        return await loop.run_in_executor(self._executor, self._logprobs, list(prompt_token_ids), list(candidates))
 
     def _logprobs(self, prompt_token_ids: list[int], candidates: list[int]) -> list[float]:
         with torch.inference_mode():
@@ -335,11 +221,8 @@ class TransformersEngine(Engine):
         if self._batch.rows:
             advanced = await loop.run_in_executor(self._executor, self._decode_step)
             self._deliver(advanced)
-            if advanced and self.on_step is not None:
-                try:
-                    self.on_step(len(advanced))
-                except Exception:  # a metrics bug must not fail the requests
-                    logger.exception("on_step callback failed")
+            if advanced:
+                self._report_step(len(advanced))
 
     def _take_waiting(self) -> list[Sequence]:
         """FIFO admission up to ``max_num_seqs`` sequences; an oversized request runs alone."""
@@ -378,9 +261,7 @@ class TransformersEngine(Engine):
 
     def _fail_everything(self, exc: BaseException) -> None:
         for req in self._all_requests():
-            error = EngineError(f"generation failed: {exc!r}")
-            error.__cause__ = exc
-            self._fail(req, error)
+            self._fail(req, generation_failed(exc))
         self._waiting.clear()
         if self._batch is not None:  # its cache may be half-updated
             self._batch.reset()

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
 import torch
-from live_server import LiveServer
-from quant_helpers import quantize
 from test_quantize_cli import MANIFEST_KEYS, check_chat_and_mcq
 
 from steerserve.training.quantize.methods import dir_bytes
@@ -26,21 +26,14 @@ PROMPTS = ["hello world", "the cat sat on the mat and", "<|im_start|>user\nWhat 
 
 
 @pytest.fixture(scope="module")
-def gguf_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def gguf_source(build_source: Callable[[int], Path]) -> Path:
     """Hidden size 256: Q4_K_M's 256-wide super-blocks fit every matrix row."""
-    from tiny_model import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("gsource") / "tiny", hidden_size=256)
+    return build_source(256)
 
 
 @pytest.fixture(scope="module")
-def gguf_variants(gguf_source: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("gvariants")
-    made = {}
-    for precision in ("gguf-q8_0", "gguf-q4_k_m"):
-        assert quantize(gguf_source, precision, root / precision) == 0, precision
-        made[precision] = root / precision
-    return made
+def gguf_variants(gguf_source: Path, quantize_all: Callable[..., dict[str, Path]]) -> dict[str, Path]:
+    return quantize_all(gguf_source, ["gguf-q8_0", "gguf-q4_k_m"])
 
 
 def test_manifests(gguf_variants: dict[str, Path]) -> None:
@@ -82,21 +75,11 @@ def test_q8_logits_match_transformers(gguf_source: Path, gguf_variants: dict[str
         llama.close()
 
 
-def test_llamacpp_engine_serves_gguf(gguf_variants: dict[str, Path]) -> None:
-    from steerserve.server.app import create_app
-    from steerserve.server.settings import ServerSettings, VariantSpec
-
-    specs = [VariantSpec(path=str(p), engine="llama.cpp") for p in gguf_variants.values()]
-    settings = ServerSettings(models=specs, engine="transformers", max_model_len=512)
-    with LiveServer(create_app(settings)) as server:
-        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-        cards = {card.id: card.model_dump() for card in client.models.list().data}
-        assert set(cards) == {f"tiny:{p}" for p in gguf_variants}
+def test_llamacpp_engine_serves_gguf(gguf_variants: dict[str, Path], serve_variants: Callable[..., Any]) -> None:
+    with serve_variants(gguf_variants, "llama.cpp") as (url, client, cards):
         for precision, path in gguf_variants.items():
-            card = cards[f"tiny:{precision}"]
-            assert card["engine"] == "llama.cpp" and card["precision"] == precision
-            assert 0 < card["weight_bytes"] < (path / "model.gguf").stat().st_size
-            check_chat_and_mcq(server.url, client, card["id"])
+            assert 0 < cards[precision]["weight_bytes"] < (path / "model.gguf").stat().st_size
+            check_chat_and_mcq(url, client, cards[precision]["id"])
         _check_stream_and_seed(client, "tiny:gguf-q8_0")
 
 

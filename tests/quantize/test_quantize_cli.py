@@ -5,13 +5,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
 import pytest
 from quant_helpers import quantize
-from live_server import LiveServer
 
 from steerserve.training.quantize.methods import dir_bytes
 
@@ -70,22 +71,14 @@ def test_rejects_unknown_calibration_and_quantized_sources(transformers_variants
         assert quantize(transformers_variants["nf4"], "int8", tmp_path / "c") == 2
 
 
-def test_transformers_engine_serves_every_variant(transformers_variants: dict[str, Path]) -> None:
-    from steerserve.server.app import create_app
-    from steerserve.server.settings import ServerSettings, VariantSpec
-
-    specs = [VariantSpec(path=str(p)) for p in transformers_variants.values()]
-    settings = ServerSettings(models=specs, engine="transformers", max_model_len=512)
-    with LiveServer(create_app(settings)) as server:
-        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-        cards = {card.id: card.model_dump() for card in client.models.list().data}
-        assert set(cards) == {f"tiny:{p}" for p in transformers_variants}
+def test_transformers_engine_serves_every_variant(transformers_variants: dict[str, Path],
+                                                  serve_variants: Callable[..., Any]) -> None:
+    with serve_variants(transformers_variants) as (url, client, cards):  # engine: the server's default
         for precision, path in transformers_variants.items():
-            card = cards[f"tiny:{precision}"]
-            assert card["engine"] == "transformers" and card["precision"] == precision
+            card = cards[precision]
             assert card["disk_bytes"] == json.loads((path / "manifest.json").read_text())["bytes"]
             assert card["weight_bytes"] > 0 and card["steering"] == "instructions"
-            check_chat_and_mcq(server.url, client, card["id"])
+            check_chat_and_mcq(url, client, card["id"])
 
 
 def check_chat_and_mcq(url: str, client: openai.OpenAI, model: str) -> None:
