@@ -93,8 +93,7 @@ def run(config: DPORecipeConfig, output: Path, force: bool = False, callbacks: S
     tokenizer = runner.load_tokenizer(base)
     method = runner.steering_for(tokenizer, config.steering)
     train_pairs, test_pairs, data = runner.load_and_split(
-        config, lambda source, data_format: load_preference_pairs(source, data_format, config.data_split),
-        check_format)
+        config, lambda source, data_format: load_preference_pairs(source, data_format, config.data_split))
     train, test, dropped = runner.examples(train_pairs, test_pairs, lambda pair: pair_example(
         pair, method, tokenizer), tokenizer, config.max_length)
     trainer = build_trainer(config, run_dir, base, tokenizer, train, test, callbacks)

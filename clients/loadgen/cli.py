@@ -16,7 +16,6 @@ import asyncio
 import ipaddress
 import itertools
 import json
-import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
