@@ -25,6 +25,7 @@ from steerserve.training.apm import attribute_metrics, load_apm, predict
 from steerserve.training.config import DEFAULT_MODEL, TINY_MODELS, CommonConfig, ConfigError, option
 from steerserve.training.data.attribute_rows import FORMATS, load_attribute_rows, to_level
 from steerserve.training.manifest import build_manifest, data_entry
+from steerserve.training.output import complete_lines
 
 logger = logging.getLogger(__name__)
 
@@ -87,17 +88,6 @@ def annotation(row: dict[str, Any], raw: Sequence[float], names: Sequence[str],
     }
 
 
-def completed_lines(path: Path) -> int:
-    """Complete lines already written; a torn last line (a crash mid-write) is cut off."""
-    if not path.exists():
-        return 0
-    data = path.read_bytes()
-    keep = data.rfind(b"\n") + 1
-    if keep < len(data):
-        path.write_bytes(data[:keep])
-    return data[:keep].count(b"\n")
-
-
 def _load_model(config: AnnotateConfig, base: str) -> tuple[Any, Any, list[str]]:
     """A trained APM, or (tiny/default) the base with an untrained head for ``config.attributes``."""
     if config.model in (*TINY_MODELS, DEFAULT_MODEL):
@@ -111,7 +101,7 @@ def annotate_rows(config: AnnotateConfig, rows: list[dict[str, Any]], model: Any
     from tqdm.auto import tqdm
 
     measured = measured_levels(rows, config.measured)
-    done = completed_lines(out)
+    done = len(complete_lines(out))
     if done:
         logger.info("resuming: %d of %d rows already annotated in %s", done, len(rows), out)
     with open(out, "a") as handle, tqdm(total=len(rows), initial=done, desc="annotate", unit="row") as bar:

@@ -158,3 +158,17 @@ def checkpoint_problem(path: Path) -> str | None:
         except Exception as exc:  # safetensors raises several types for a damaged file
             return f"{weight.name} is unreadable ({type(exc).__name__}: {exc})"
     return None
+
+
+def complete_lines(path: Path) -> list[str]:
+    """The complete lines of an append-only JSONL file; a torn last line (a crash mid-write) is cut off.
+
+    Resumable steps (annotate, sampling) append one line per finished row and continue after these.
+    """
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    keep = data.rfind(b"\n") + 1
+    if keep < len(data):
+        path.write_bytes(data[:keep])
+    return data[:keep].decode().splitlines()

@@ -29,17 +29,10 @@ ENGINES = ("vllm", "transformers")
 
 
 def completed(out: Path) -> dict[int, dict[str, Any]]:
-    """Finished samples already in ``out`` by request index; a torn last line (a crash mid-write) is cut off."""
-    done: dict[int, dict[str, Any]] = {}
-    if out.exists():
-        data = out.read_bytes()
-        keep = data.rfind(b"\n") + 1
-        if keep < len(data):
-            out.write_bytes(data[:keep])
-        for line in data[:keep].decode().splitlines():
-            record = json.loads(line)
-            done[record["index"]] = record
-    return done
+    """Finished samples already in ``out`` by request index (a torn last line is cut off)."""
+    from steerserve.training.output import complete_lines
+
+    return {record["index"]: record for record in map(json.loads, complete_lines(out))}
 
 
 def sample(model: str, requests: Sequence[dict[str, Any]], out: Path, engine: str = "vllm") -> list[dict[str, Any]]:
