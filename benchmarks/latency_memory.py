@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -83,7 +85,8 @@ def measure(target: BenchTarget, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def references(targets: list[BenchTarget], args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    """HF generate on each distinct checkpoint, llama.cpp on the default GGUF (if the default model is among them)."""
+    """HF generate on each distinct 16-bit checkpoint, llama.cpp on the default GGUF (if the default model is
+    among them) and on each served GGUF variant's own file (same weights, no server)."""
     from steerserve.benchmarks.references import run_reference
 
     if args.no_references:
@@ -91,7 +94,7 @@ def references(targets: list[BenchTarget], args: argparse.Namespace) -> dict[str
     max_tokens, concurrency, repeats = sizes(args)
     common = {"prompt": PROMPT, "max_tokens": max_tokens, "concurrency": concurrency, "repeats": repeats}
     results = {}
-    roots = list(dict.fromkeys(t.root for t in targets))
+    roots = list(dict.fromkeys(reference_checkpoint(t.root) for t in targets))
     for root in roots:
         name = "hf-generate" if len(roots) == 1 else f"hf-generate ({root})"
         results[name] = run_reference("hf-generate", root, **common)
@@ -99,7 +102,33 @@ def references(targets: list[BenchTarget], args: argparse.Namespace) -> dict[str
         from steerserve.default_model import find_gguf
 
         results["llama.cpp (Q4_1 GGUF)"] = run_reference("llama.cpp", str(find_gguf()), **common)
+    for target in targets:  # served GGUF variants: llama.cpp offline on the very same file
+        if target.precision.startswith("gguf"):
+            from steerserve.training.quantize.gguf import find_gguf as variant_gguf
+
+            results[f"llama.cpp offline ({target.precision})"] = run_reference(
+                "llama.cpp", str(variant_gguf(Path(target.root))), **common)
     return results
+
+
+def reference_checkpoint(root: str) -> str:
+    """The 16-bit checkpoint HF generate runs for a variant: itself, or the source a quantized one came from.
+
+    Quantized variants are compared with the weights they were made from, so one reference serves every
+    precision of a checkpoint (HF generate cannot load GGUF or compressed-tensors files the same way).
+    """
+    from steerserve.precision import Precision
+
+    manifest_path = Path(root) / "manifest.json"
+    if not manifest_path.is_file():
+        return root
+    manifest = json.loads(manifest_path.read_text())
+    source = (manifest.get("source") or {}).get("path")
+    try:
+        is_float = Precision(manifest.get("precision", "bf16")).is_float
+    except ValueError:
+        is_float = True
+    return root if is_float or not source or not Path(source).is_dir() else source
 
 
 def _is_default(target: BenchTarget) -> bool:

@@ -120,3 +120,21 @@ def test_mcq_heldout_part_is_what_training_held_out(tmp_path: Path, data_files) 
     config = load_config(SFTRecipeConfig, None, [f"data={questions}", "data_format=mcq", "test_fraction=0.2"])
     train, test, _ = runner.load_and_split(config, lambda d, f: load_mcq_rows(d, f, "train", 0))
     assert benched == test and len(test) == 8 and not any(row in train for row in benched)
+
+
+def test_quantized_variants_are_compared_with_their_16_bit_source(tmp_path: Path) -> None:
+    from steerserve.benchmarks.latency_memory import reference_checkpoint
+
+    source = tmp_path / "bf16"
+    source.mkdir()
+    (source / "manifest.json").write_text(json.dumps({"precision": "bf16"}))
+    quantized = tmp_path / "w8a8"
+    quantized.mkdir()
+    (quantized / "manifest.json").write_text(json.dumps({"precision": "w8a8", "source": {"path": str(source)}}))
+    orphan = tmp_path / "nf4"
+    orphan.mkdir()
+    (orphan / "manifest.json").write_text(json.dumps({"precision": "nf4", "source": {"path": str(tmp_path / "gone")}}))
+    assert reference_checkpoint(str(quantized)) == str(source)
+    assert reference_checkpoint(str(source)) == str(source)
+    assert reference_checkpoint(str(orphan)) == str(orphan)  # source moved away: nothing better to compare with
+    assert reference_checkpoint(str(tmp_path)) == str(tmp_path)  # no manifest
