@@ -3,8 +3,9 @@
     steerserve bench latency_memory --variant default --variant default,engine=transformers --output results/bench
 
 Per variant: single-stream tokens/s (and decode-only tokens/s after the first
-token), TTFT, total tokens/s with N concurrent streams, weight bytes and peak
-process-tree RSS (sampled from ``/metrics`` during the run). References, run
+token), TTFT for the short prompt and for a cold ~500-token one, total tokens/s
+with N concurrent streams, weight bytes and peak process-tree RSS (sampled from
+``/metrics`` during the run). References, run
 after the servers have stopped so nothing shares the cores: HF ``generate`` on
 the same checkpoint, and llama.cpp on the default model's GGUF when installed.
 Every request forces exactly ``--max-tokens`` tokens (``ignore_eos``), greedy.
@@ -35,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-tokens", type=int, help="tokens per request (default 128; quick 16)")
     group.add_argument("--concurrency", type=int, help="concurrent streams for the batched figure (default 8; quick 4)")
     group.add_argument("--repeats", type=int, help="single-stream repetitions (default 3; quick 1)")
+    group.add_argument("--prompt-tokens", type=int,
+                       help="prompt length for the long-prompt TTFT (default 500; quick 64)")
     group.add_argument("--no-references", action="store_true", help="skip HF generate / llama.cpp")
 
 
@@ -42,6 +45,41 @@ def sizes(args: argparse.Namespace) -> tuple[int, int, int]:
     """(max_tokens, concurrency, repeats): flags, else the quick or full defaults."""
     quick = (16, 4, 1) if args.quick else (128, 8, 3)
     return (args.max_tokens or quick[0], args.concurrency or quick[1], args.repeats or quick[2])
+
+
+_FILLER = ("A refrigerator moves heat from the cold inside to the warm room: the compressor squeezes the "
+           "refrigerant gas, the coils at the back let that heat go, the expansion valve drops the pressure, "
+           "and the evaporator inside takes heat from the food as the liquid boils again. ").split()
+
+
+def long_prompt(tokens: int, index: int) -> str:
+    """About ``tokens`` tokens of prose, different from the first word on for each ``index``.
+
+    A distinct start keeps one repeat from reusing another's cached prefix, so the figure is a
+    cold prefill. English prose runs at about 1.3 tokens per word in the default tokenizer.
+    """
+    words = max(1, int(tokens / 1.3))
+    body = " ".join(_FILLER[i % len(_FILLER)] for i in range(words))
+    return f"Note {index}: {body}\nSummarise the note in one sentence."
+
+
+def prompt_tokens(args: argparse.Namespace) -> int:
+    return args.prompt_tokens or (64 if args.quick else 500)
+
+
+async def _long_prompt_ttft(target: BenchTarget, tokens: int, repeats: int) -> dict[str, Any]:
+    """Mean time to first token over ``repeats`` cold ~``tokens``-token prompts, one at a time."""
+    where = Target(model=target.model, url=target.url)
+    records = []
+    async with httpx.AsyncClient(timeout=600) as http:
+        for i in range(repeats):
+            record = RequestRecord(i, target.label, None)
+            await send(http, PlannedRequest(i, where, long_prompt(tokens, i + 1), None, 2, ignore_eos=True), record)
+            if not record.success:
+                raise RuntimeError(f"{target.label}: {record.error}")
+            records.append(record)
+    return {"long_prompt_ttft_s": sum(r.ttft or 0 for r in records) / len(records),
+            "long_prompt_tokens": sum(r.prompt_tokens for r in records) / len(records)}
 
 
 async def _streams(target: BenchTarget, max_tokens: int, concurrency: int, repeats: int) -> dict[str, Any]:
@@ -80,6 +118,7 @@ def measure(target: BenchTarget, args: argparse.Namespace) -> dict[str, Any]:
     max_tokens, concurrency, repeats = sizes(args)
     with MemorySampler(target.url, target.model) as memory:
         result = asyncio.run(_streams(target, max_tokens, concurrency, repeats))
+        result.update(asyncio.run(_long_prompt_ttft(target, prompt_tokens(args), repeats)))
     return {**result, "weight_bytes": memory.weight_bytes, "peak_rss_bytes": memory.peak_rss_bytes,
             "engine": target.engine, "precision": target.precision, "max_tokens": max_tokens}
 
@@ -139,10 +178,12 @@ def _is_default(target: BenchTarget) -> bool:
 
 def _row(name: str, r: dict[str, Any], base: float | None) -> list[Any]:
     if "skipped" in r:
-        return [name, f"skipped: {r['skipped']}", "", "", "", "", "", ""]
+        return [name, f"skipped: {r['skipped']}", "", "", "", "", "", "", ""]
     ratio = r["single_tokens_per_s"] / base if base else None
     batched = f"{r['batched_tokens_per_s']:.1f} (N={r['concurrency']})" if r.get("batched_tokens_per_s") else "—"
-    return [name, r["single_tokens_per_s"], r["single_decode_tokens_per_s"], r["ttft_s"] * 1000, batched,
+    long_ttft = (f"{r['long_prompt_ttft_s'] * 1000:.0f} ({r['long_prompt_tokens']:.0f} tok)"
+                 if r.get("long_prompt_ttft_s") else "—")
+    return [name, r["single_tokens_per_s"], r["single_decode_tokens_per_s"], r["ttft_s"] * 1000, long_ttft, batched,
             (r["weight_bytes"] or 0) / MiB, r["peak_rss_bytes"] / MiB, f"{ratio:.2f}x" if ratio else "—"]
 
 
@@ -151,11 +192,13 @@ def finish(results: dict[str, dict[str, Any]], refs: dict[str, dict[str, Any]],
     """Table (ratios to the first HF reference) and a bar plot of single-stream and batched tokens/s."""
     base = next((r["single_tokens_per_s"] for r in refs.values() if "skipped" not in r), None)
     rows = [_row(name, r, base) for name, r in {**results, **refs}.items()]
-    table = markdown_table(["runtime", "single tok/s", "decode tok/s", "TTFT ms", "batched tok/s", "weights MiB",
+    table = markdown_table(["runtime", "single tok/s", "decode tok/s", "TTFT ms", "long-prompt TTFT ms",
+                            "batched tok/s", "weights MiB",
                             "peak RSS MiB", "single vs HF generate"], rows)
     max_tokens, concurrency, _ = sizes(args)
-    note = (f"{max_tokens} tokens per request (greedy, EOS ignored); peak RSS of the server's process tree "
-            f"(references: of their own process).\n\n")
+    note = (f"{max_tokens} tokens per request (greedy, EOS ignored); long-prompt TTFT: a cold prompt of about "
+            f"{prompt_tokens(args)} tokens (measured count in brackets), one at a time; peak RSS of the server's "
+            f"process tree (references: of their own process).\n\n")
     fig, axes = figure(2, width=5.5)
     measured = {k: v for k, v in {**results, **refs}.items() if "skipped" not in v}
     for ax, key, title in ((axes[0][0], "single_tokens_per_s", "single stream tok/s"),

@@ -42,6 +42,7 @@ def test_all_benchmarks_on_a_started_server(tiny_model_dir: Path, tmp_path: Path
     served = latency["variants"]["tiny:bf16 (transformers)"]
     assert served["single_tokens_per_s"] > 0 and served["batched_tokens_per_s"] > 0 and served["ttft_s"] > 0
     assert served["weight_bytes"] > 100_000 and served["peak_rss_bytes"] > served["weight_bytes"]
+    assert served["long_prompt_ttft_s"] > 0 and served["long_prompt_tokens"] > 40  # --quick: ~64-token prompt
     reference = next(v for k, v in latency["references"].items() if k.startswith("hf-generate"))
     assert reference["single_tokens_per_s"] > 0 and reference["peak_rss_bytes"] > 0
     steer = _outputs(out, "steerability")["variants"]["tiny:bf16 (transformers)"]
