@@ -40,6 +40,9 @@ def _serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-model-len", type=int)
     parser.add_argument("--max-num-seqs", type=int, help="most sequences decoded together")
     parser.add_argument("--kv-cache-gib", type=float, help="vLLM KV-cache size in GiB")
+    parser.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
+                        help="vLLM: run eagerly (default; starts in ~25 s on CPU) or, with --no-enforce-eager, "
+                             "torch.compile the model first (~2 min once, cached; see benchmarks/NOTES.md)")
     parser.add_argument("--tensor-parallel-size", type=int, help="vLLM: GPUs each layer is split across (CUDA only)")
     parser.add_argument("--pipeline-parallel-size", type=int, help="vLLM: GPUs the layers are staged across (CUDA only)")
     parser.add_argument("--default-max-tokens", type=int)
@@ -58,7 +61,7 @@ def serve(argv: list[str]) -> int:
     overrides = {
         key: getattr(args, key)
         for key in ("engine", "host", "port", "api_key", "max_model_len", "max_num_seqs", "kv_cache_gib",
-                    "tensor_parallel_size", "pipeline_parallel_size", "default_max_tokens", "log_level")
+                    "enforce_eager", "tensor_parallel_size", "pipeline_parallel_size", "default_max_tokens", "log_level")
         if getattr(args, key) is not None
     }
     if args.model:

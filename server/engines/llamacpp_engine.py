@@ -113,15 +113,22 @@ class LlamaCppEngine(ThreadedEngine[_Job]):
                 self._running -= 1
 
     def _run_choice(self, job: _Job, seq: Sequence, queued: float | None) -> None:
-        from steerserve.training.quantize.gguf import eval_prompt, last_logprobs
+        from steerserve.training.quantize.gguf import eval_prompt, last_logits
 
         if job.cancelled.is_set():
             job.put_threadsafe(GenerationDelta(seq.index, "", 0, "abort", queued_s=queued))
             return
         eval_prompt(self._llama, seq.prompt_ids)
+        greedy = seq.options.temperature < 1e-5  # as sample_tokens decides
         while True:
-            logits = torch.from_numpy(last_logprobs(self._llama)).float()[None]
-            seq.append(sample_tokens(logits, [seq])[0])
+            # Raw float32 logits: softmax(logits / T) is the distribution the log-probs gave, and greedy
+            # needs only the argmax, so nothing is normalised per token (a full-vocabulary float64
+            # log-softmax per token cost more than the sampling itself; benchmarks/NOTES.md).
+            logits = last_logits(self._llama)
+            if greedy:
+                seq.append(int(logits.argmax()))
+            else:
+                seq.append(sample_tokens(torch.from_numpy(logits.copy())[None], [seq])[0])
             text, count, reason = seq.take_delta()
             if job.cancelled.is_set() and reason is None:
                 reason = "abort"

@@ -230,12 +230,17 @@ def load_llama(model_dir: Path, n_ctx: int, seed: int = 0, logits_all: bool = Fa
                  n_threads=os.cpu_count() or 1, logits_all=logits_all, seed=seed, verbose=False)
 
 
-def last_logprobs(llama: Any) -> np.ndarray:
-    """Full-vocabulary float64 log-softmax of the last evaluated position's logits."""
+def last_logits(llama: Any) -> np.ndarray:
+    """The last evaluated position's float32 logits: a view of llama.cpp's buffer, valid until the next eval."""
     import llama_cpp
 
     pointer = llama_cpp.llama_get_logits_ith(llama._ctx.ctx, -1)
-    logits = np.ctypeslib.as_array(pointer, shape=(llama.n_vocab(),)).astype(np.float64)
+    return np.ctypeslib.as_array(pointer, shape=(llama.n_vocab(),))
+
+
+def last_logprobs(llama: Any) -> np.ndarray:
+    """Full-vocabulary float64 log-softmax of the last evaluated position's logits."""
+    logits = last_logits(llama).astype(np.float64)
     top = logits.max()
     return logits - top - math.log(np.exp(logits - top).sum())
 
