@@ -9,7 +9,7 @@ TRAIN = steerserve train
 RECIPES = training/recipes
 SHIPPED = models/steered-default
 
-.PHONY: steered-default package-steered-default clean-steered-default
+.PHONY: steered-default package-steered-default steered-precisions clean-steered-default
 
 steered-default: $(RUNS)/acsft/manifest.json $(RUNS)/dpo-robust/manifest.json $(RUNS)/dpo-sigmoid/manifest.json \
                  $(RUNS)/mcq/manifest.json
@@ -43,6 +43,20 @@ $(RUNS)/mcq/manifest.json:
 # default model (steerserve.steered_default).
 package-steered-default:
 	python -m steerserve.steered_default package $(RUNS) $(SHIPPED)
+
+# The steered default (AC-SFT, merged) in every precision this CPU makes, then steerability and held-out MCQ per
+# precision side by side: quantization must not erase steering. Finished quantizations are skipped.
+PRECISIONS ?= bf16 int8 nf4 gptq-w4 w8a8 w4a16 gguf-q8_0 gguf-q4_k_m
+BENCH_PROMPTS ?= 80
+steered-precisions: $(RUNS)/acsft/manifest.json
+	for p in $(PRECISIONS); do \
+	    [ -f $(RUNS)/q/$$p/manifest.json ] || steerserve quantize $(RUNS)/acsft --precision $$p --output $(RUNS)/q/$$p \
+	        --eval-chars 8000 --mcq-per-subject 1 || exit 1; \
+	done
+	steerserve bench steerability $(foreach p,$(PRECISIONS),--variant $(RUNS)/q/$(p)) --num-prompts $(BENCH_PROMPTS) \
+	    --answer-tokens 512 --parallel 16 --apm $(RUNS)/apm --output $(RUNS)/bench/steerability-precisions
+	steerserve bench mcq $(foreach p,$(PRECISIONS),--variant $(RUNS)/q/$(p)) --mcq-heldout 0.2 \
+	    --output $(RUNS)/bench/mcq-precisions
 
 clean-steered-default:
 	rm -rf $(RUNS)
