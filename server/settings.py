@@ -39,14 +39,22 @@ class VariantSpec(BaseSettings):
 
     @classmethod
     def parse(cls, text: str) -> VariantSpec:
-        """``PATH[,key=value...]`` from the command line, e.g. ``./ckpt,name=steer,precision=bf16``."""
+        """``PATH[,key=value...]`` from the command line, e.g. ``./ckpt,name=steer,precision=bf16``.
+
+        ``engine_args.KEY=VALUE`` sets one engine argument for this variant alone (the value is read as
+        YAML), e.g. ``default,name=compiled,engine_args.enforce_eager=false`` beside an eager ``default``.
+        """
         path, *pairs = text.split(",")
         fields: dict[str, Any] = {"path": path}
         for pair in pairs:
             key, sep, value = pair.partition("=")
             if not sep:
                 raise ValueError(f"--model option {pair!r} is not key=value")
-            fields[key.strip().replace("-", "_")] = value.strip()
+            key = key.strip().replace("-", "_")
+            if key.startswith("engine_args."):
+                fields.setdefault("engine_args", {})[key.removeprefix("engine_args.")] = yaml.safe_load(value)
+            else:
+                fields[key] = value.strip()
         return cls(**fields)
 
 

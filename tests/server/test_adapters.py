@@ -221,3 +221,10 @@ def test_a_merged_adapter_matches_peft(tiny_model_dir: Path, adapters: dict[str,
     want = reference_logprobs(tiny_model_dir, adapters["mcq"], ids, candidates)
     assert reference_logprobs(target, None, ids, candidates) == pytest.approx(want, abs=0.05)
     assert reference_logprobs(tiny_model_dir, None, ids, candidates) != pytest.approx(want, abs=0.05)
+
+
+def test_variant_spec_takes_engine_args_one_variant_at_a_time() -> None:
+    spec = VariantSpec.parse("default,name=compiled,engine_args.enforce_eager=false,engine_args.max_num_batched_tokens=1024")
+    assert spec.engine_args == {"enforce_eager": False, "max_num_batched_tokens": 1024}
+    assert (spec.path, spec.name) == ("default", "compiled")
+    assert VariantSpec.parse("default").engine_args == {}
