@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -157,11 +156,9 @@ def reference_checkpoint(root: str) -> str:
     precision of a checkpoint (HF generate cannot load GGUF or compressed-tensors files the same way).
     """
     from steerserve.precision import Precision
+    from steerserve.server.variants import read_manifest
 
-    manifest_path = Path(root) / "manifest.json"
-    if not manifest_path.is_file():
-        return root
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_manifest(Path(root))
     source = (manifest.get("source") or {}).get("path")
     try:
         is_float = Precision(manifest.get("precision", "bf16")).is_float
