@@ -66,31 +66,15 @@ def prompt_tokens(args: argparse.Namespace) -> int:
     return args.prompt_tokens or (64 if args.quick else 500)
 
 
-async def _long_prompt_ttft(target: BenchTarget, tokens: int, repeats: int) -> dict[str, Any]:
-    """Mean time to first token over ``repeats`` cold ~``tokens``-token prompts, one at a time."""
-    where = Target(model=target.model, url=target.url)
-    records = []
-    async with httpx.AsyncClient(timeout=600) as http:
-        for i in range(repeats):
-            record = RequestRecord(i, target.label, None)
-            await send(http, PlannedRequest(i, where, long_prompt(tokens, i + 1), None, 2, ignore_eos=True), record)
-            if not record.success:
-                raise RuntimeError(f"{target.label}: {record.error}")
-            records.append(record)
-    return {"long_prompt_ttft_s": sum(r.ttft or 0 for r in records) / len(records),
-            "long_prompt_tokens": sum(r.prompt_tokens for r in records) / len(records)}
-
-
-async def _streams(target: BenchTarget, max_tokens: int, concurrency: int, repeats: int) -> dict[str, Any]:
-    """Warm-up, ``repeats`` single streams one after another, then ``concurrency`` streams at once."""
+async def _streams(target: BenchTarget, max_tokens: int, concurrency: int, repeats: int,
+                   prompt_tokens: int) -> dict[str, Any]:
+    """Warm-up, ``repeats`` single streams one after another, ``concurrency`` streams at once, then
+    ``repeats`` cold long prompts one at a time (time to first token)."""
     where = Target(model=target.model, url=target.url)
 
-    def plan(i: int, tokens: int) -> tuple[PlannedRequest, RequestRecord]:
-        return PlannedRequest(i, where, PROMPT, None, tokens, ignore_eos=True), RequestRecord(i, target.label, None)
-
-    async def one(http: httpx.AsyncClient, tokens: int) -> RequestRecord:
-        request, record = plan(0, tokens)
-        await send(http, request, record)
+    async def one(http: httpx.AsyncClient, tokens: int, prompt: str = PROMPT) -> RequestRecord:
+        record = RequestRecord(0, target.label, None)
+        await send(http, PlannedRequest(0, where, prompt, None, tokens, ignore_eos=True), record)
         if not record.success:
             raise RuntimeError(f"{target.label}: {record.error}")
         return record
@@ -101,6 +85,7 @@ async def _streams(target: BenchTarget, max_tokens: int, concurrency: int, repea
         start = time.perf_counter()
         batch = await asyncio.gather(*(one(http, max_tokens) for _ in range(concurrency)))
         wall = time.perf_counter() - start
+        longs = [await one(http, 2, long_prompt(prompt_tokens, i + 1)) for i in range(repeats)]
     return {
         "single_tokens_per_s": sum(r.output_tokens for r in singles) / sum(r.e2e or 0 for r in singles),
         "single_decode_tokens_per_s": sum((r.output_tokens - 1) / ((r.e2e or 0) - (r.ttft or 0)) for r in singles)
@@ -109,6 +94,8 @@ async def _streams(target: BenchTarget, max_tokens: int, concurrency: int, repea
         "batched_tokens_per_s": sum(r.output_tokens for r in batch) / wall,
         "batched_ttft_p50_s": sorted(r.ttft or 0 for r in batch)[len(batch) // 2],
         "concurrency": concurrency,
+        "long_prompt_ttft_s": sum(r.ttft or 0 for r in longs) / len(longs),
+        "long_prompt_tokens": sum(r.prompt_tokens for r in longs) / len(longs),
     }
 
 
@@ -116,8 +103,7 @@ def measure(target: BenchTarget, args: argparse.Namespace) -> dict[str, Any]:
     """One variant's numbers, with memory sampled from its server while the streams run."""
     max_tokens, concurrency, repeats = sizes(args)
     with MemorySampler(target.url, target.model) as memory:
-        result = asyncio.run(_streams(target, max_tokens, concurrency, repeats))
-        result.update(asyncio.run(_long_prompt_ttft(target, prompt_tokens(args), repeats)))
+        result = asyncio.run(_streams(target, max_tokens, concurrency, repeats, prompt_tokens(args)))
     return {**result, "weight_bytes": memory.weight_bytes, "peak_rss_bytes": memory.peak_rss_bytes,
             "engine": target.engine, "precision": target.precision, "max_tokens": max_tokens}
 
@@ -140,10 +126,10 @@ def references(targets: list[BenchTarget], args: argparse.Namespace) -> dict[str
         from steerserve.default_model import find_gguf
 
         results["llama.cpp (Q4_1 GGUF)"] = run_reference("llama.cpp", str(find_gguf()), **common)
+    from steerserve.training.quantize.gguf import find_gguf as variant_gguf
+
     for target in targets:  # served GGUF variants: llama.cpp offline on the very same file
         if target.precision.startswith("gguf"):
-            from steerserve.training.quantize.gguf import find_gguf as variant_gguf
-
             results[f"llama.cpp offline ({target.precision})"] = run_reference(
                 "llama.cpp", str(variant_gguf(Path(target.root))), **common)
     return results

@@ -13,15 +13,12 @@ from contextlib import aclosing
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
-from steerserve.server.engines.base import EngineRequest, GenerationDelta, SamplingOptions
+from steerserve.server.engines.base import GREEDY_BELOW, EngineRequest, GenerationDelta, SamplingOptions
 from steerserve.server.errors import APIError
 from steerserve.server.metrics import ServerMetrics
 from steerserve.server.protocol import random_id
 from steerserve.server.settings import ServerSettings
 from steerserve.server.variants import Variant
-
-
-GREEDY_BELOW = 1e-5
 
 
 @dataclass

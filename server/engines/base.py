@@ -55,6 +55,11 @@ class AdapterConfig:
     rank: int
 
 
+GREEDY_BELOW = 1e-5
+"""Temperatures below this decode greedily, as in vLLM (its ``_SAMPLING_EPS``): dividing logits by a
+denormal temperature would overflow. Every engine and the request path use this one threshold."""
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingOptions:
     """OpenAI sampling fields, already validated."""
@@ -66,6 +71,10 @@ class SamplingOptions:
     stop: tuple[str, ...] = ()
     n: int = 1
     ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclasses.dataclass(frozen=True)

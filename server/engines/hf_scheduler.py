@@ -210,7 +210,7 @@ def sample_tokens(logits: torch.Tensor, seqs: Seq[Sequence]) -> list[int]:
     tokens = []
     for row, seq in enumerate(seqs):
         opts = seq.options
-        if opts.temperature < 1e-5:  # as vLLM: dividing by a denormal temperature would overflow
+        if opts.greedy:
             tokens.append(greedy[row])
             continue
         probs = torch.softmax(logits[row] / opts.temperature, dim=-1)

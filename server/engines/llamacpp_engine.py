@@ -119,7 +119,7 @@ class LlamaCppEngine(ThreadedEngine[_Job]):
             job.put_threadsafe(GenerationDelta(seq.index, "", 0, "abort", queued_s=queued))
             return
         eval_prompt(self._llama, seq.prompt_ids)
-        greedy = seq.options.temperature < 1e-5  # as sample_tokens decides
+        greedy = seq.options.greedy
         while True:
             # Raw float32 logits: softmax(logits / T) is the distribution the log-probs gave, and greedy
             # needs only the argmax, so nothing is normalised per token (a full-vocabulary float64

@@ -62,8 +62,6 @@ logger = logging.getLogger(__name__)
 
 _MAX_LOGPROB_IDS = 128
 """vLLM's cap on ``SamplingParams.logprob_token_ids`` (``MAX_LOGPROB_TOKEN_IDS``)."""
-_GREEDY_BELOW = 1e-5
-"""Temperatures below this decode greedily in vLLM (its ``_SAMPLING_EPS``)."""
 _FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "abort", "repetition": "stop"}
 
 
@@ -152,7 +150,7 @@ class VLLMEngine(Engine):
         options = request.options
         self._check_prompt_length(request.prompt_token_ids, options.max_tokens)
         # vLLM refuses n > 1 with greedy decoding; the n greedy choices are identical: decode once.
-        copies = options.n if options.temperature < _GREEDY_BELOW else 1
+        copies = options.n if options.greedy else 1
         params = _sampling_params(options, n=options.n // copies)
         started: set[int] = set()
         stream = self._stream(engine, request.prompt_token_ids, params, request.request_id, lora)
