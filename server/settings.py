@@ -43,6 +43,8 @@ class VariantSpec(BaseSettings):
 
         ``engine_args.KEY=VALUE`` sets one engine argument for this variant alone (the value is read as
         YAML), e.g. ``default,name=compiled,engine_args.enforce_eager=false`` beside an eager ``default``.
+        Dotted keys nest, for arguments that take a mapping:
+        ``engine_args.speculative_config.method=ngram,engine_args.speculative_config.num_speculative_tokens=4``.
         """
         path, *pairs = text.split(",")
         fields: dict[str, Any] = {"path": path}
@@ -52,7 +54,13 @@ class VariantSpec(BaseSettings):
                 raise ValueError(f"--model option {pair!r} is not key=value")
             key = key.strip().replace("-", "_")
             if key.startswith("engine_args."):
-                fields.setdefault("engine_args", {})[key.removeprefix("engine_args.")] = yaml.safe_load(value)
+                *parents, leaf = key.removeprefix("engine_args.").split(".")
+                target = fields.setdefault("engine_args", {})
+                for parent in parents:
+                    target = target.setdefault(parent, {})
+                    if not isinstance(target, dict):
+                        raise ValueError(f"--model option {pair!r}: engine_args.{parent} is already a value")
+                target[leaf] = yaml.safe_load(value)
             else:
                 fields[key] = value.strip()
         return cls(**fields)
@@ -73,7 +81,10 @@ class ServerSettings(BaseSettings):
     max_model_len: int = 2048
     max_num_seqs: int = 16
     kv_cache_gib: float = 2.0
-    enforce_eager: bool = True
+    enforce_eager: bool = False
+    """vLLM: False (default) torch.compiles the model at start (~2 min the first time, then read from the cache
+    under ~/.cache/vllm) for +17% single-stream and +19% at 8 streams on CPU (benchmarks/NOTES.md); True starts
+    in ~25 s. The test suite sets STEERSERVE_ENFORCE_EAGER=true: each tiny test model would compile on its own."""
     tensor_parallel_size: int = Field(1, ge=1)
     """vLLM variants: GPUs each layer is split across (CUDA only; refused on CPU)."""
     pipeline_parallel_size: int = Field(1, ge=1)

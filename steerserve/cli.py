@@ -41,8 +41,9 @@ def _serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-num-seqs", type=int, help="most sequences decoded together")
     parser.add_argument("--kv-cache-gib", type=float, help="vLLM KV-cache size in GiB")
     parser.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
-                        help="vLLM: run eagerly (default; starts in ~25 s on CPU) or, with --no-enforce-eager, "
-                             "torch.compile the model first (~2 min once, cached; see benchmarks/NOTES.md)")
+                        help="vLLM: by default torch.compile the model first (~2 min once per model, then "
+                             "cached; faster decoding, see benchmarks/NOTES.md); --enforce-eager runs eagerly "
+                             "(starts in ~25 s on CPU)")
     parser.add_argument("--tensor-parallel-size", type=int, help="vLLM: GPUs each layer is split across (CUDA only)")
     parser.add_argument("--pipeline-parallel-size", type=int, help="vLLM: GPUs the layers are staged across (CUDA only)")
     parser.add_argument("--default-max-tokens", type=int)

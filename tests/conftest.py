@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -10,6 +11,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny_model import build_tiny_model  # noqa: E402
+
+# `steerserve serve` torch.compiles vLLM models by default (~1-2 min per model on CPU, cached per model);
+# every test builds its own tiny model, so servers started here (in process or as subprocesses) run eagerly.
+os.environ.setdefault("STEERSERVE_ENFORCE_EAGER", "true")
 
 
 @pytest.fixture(scope="session")

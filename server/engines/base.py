@@ -34,7 +34,8 @@ class EngineConfig:
     kv_cache_gib: float = 1.0
     """KV-cache space for engines that preallocate it (vLLM's VLLM_CPU_KVCACHE_SPACE)."""
     enforce_eager: bool = True
-    """vLLM: skip graph compilation (starts in ~25 s instead of ~130 s on CPU)."""
+    """vLLM: skip graph compilation (starts in ~25 s instead of ~130 s on CPU). Engines built in code start
+    eager; ``steerserve serve`` compiles unless told ``--enforce-eager`` (ServerSettings.enforce_eager)."""
     seed: int = 0
     tensor_parallel_size: int = 1
     """vLLM: GPUs each layer is split across (CUDA only)."""

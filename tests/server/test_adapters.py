@@ -228,3 +228,9 @@ def test_variant_spec_takes_engine_args_one_variant_at_a_time() -> None:
     assert spec.engine_args == {"enforce_eager": False, "max_num_batched_tokens": 1024}
     assert (spec.path, spec.name) == ("default", "compiled")
     assert VariantSpec.parse("default").engine_args == {}
+    nested = VariantSpec.parse(
+        "default,engine_args.speculative_config.method=ngram,engine_args.speculative_config.num_speculative_tokens=4"
+    )
+    assert nested.engine_args == {"speculative_config": {"method": "ngram", "num_speculative_tokens": 4}}
+    with pytest.raises(ValueError, match="already a value"):
+        VariantSpec.parse("default,engine_args.a=1,engine_args.a.b=2")
