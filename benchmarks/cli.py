@@ -6,7 +6,8 @@
 Without ``--url`` each ``--variant`` spec (default: the default model on vLLM
 and on transformers) is started as its own ``steerserve serve`` process, once
 for all selected benchmarks, then stopped; references run after the last server.
-A ``SUMMARY.md`` gathers every table of the run.
+A ``SUMMARY.md`` gathers every table of the run. Steerability and MCQ keep each finished variant under
+``OUTPUT/.partial/``: the same command run again after an interruption measures only the rest.
 """
 
 from __future__ import annotations
@@ -47,25 +48,35 @@ def _parser(modules: dict[str, ModuleType]) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace, modules: dict[str, ModuleType]) -> dict[str, dict[str, Path]]:
     """Measure every target with every selected benchmark, then write each benchmark's three files."""
+    from steerserve.benchmarks.partial import PartialResults
     from steerserve.benchmarks.report import environment, write_outputs
     from steerserve.benchmarks.servers import iterate_targets
 
     selected = list(modules) if args.name == "all" else [args.name]
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if not k.startswith("_")}
+    partial = PartialResults(args.output, config)
+    kept = {name: partial.load(name) if getattr(modules[name], "RESUMABLE", False) else {} for name in selected}
     results: dict[str, dict[str, Any]] = {name: {} for name in selected}
     targets = []
     start = time.perf_counter()
     for target in iterate_targets(args.url, args.model, args.variant, args.server_arg):
         targets.append(target)
         for name in selected:
+            if target.label in kept[name]:
+                logger.info("%s on %s: kept from an interrupted run (%s)", name, target.label, partial.folder)
+                results[name][target.label] = kept[name][target.label]
+                continue
             logger.info("%s on %s", name, target.label)
             results[name][target.label] = modules[name].measure(target, args)
+            if getattr(modules[name], "RESUMABLE", False):
+                partial.save(name, {**kept[name], **results[name]})
     refs = modules["latency_memory"].references(targets, args) if "latency_memory" in selected else {}
     written = {}
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if not k.startswith("_")}
     for name in selected:
         payload, markdown, fig = modules[name].finish(results[name], refs if name == "latency_memory" else {}, args)
         payload.update(config=config, environment=environment(), seconds=time.perf_counter() - start)
         written[name] = write_outputs(args.output, name, payload, f"## {name}\n\n{markdown}", fig)
+        partial.clear(name)
     return written
 
 

@@ -18,6 +18,8 @@ from steerserve.benchmarks.report import figure, markdown_table
 from steerserve.benchmarks.servers import BenchTarget
 
 NAME = "mcq"
+RESUMABLE = True
+"""Greedy answers / MCQ scores do not depend on when they ran: an interrupted run goes on (benchmarks.partial)."""
 DEFAULT_SETS = ("mmlu=../shared/data/mmlu/test:mmlu", "aqua=../shared/data/aqua/dev.json:aqua")
 QUICK_SETS = ("mmlu=../shared/data/mmlu/dev:mmlu", "aqua=../shared/data/aqua/dev.json:aqua")
 

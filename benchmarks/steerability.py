@@ -29,6 +29,8 @@ from steerserve.benchmarks.report import figure, markdown_table
 from steerserve.benchmarks.servers import BenchTarget
 
 NAME = "steerability"
+RESUMABLE = True
+"""Greedy answers / MCQ scores do not depend on when they ran: an interrupted run goes on (benchmarks.partial)."""
 LEVELS = (0, 1, 2, 3, 4)
 SWEEPS = {"verbosity": "chars", "complexity": "fkgl"}
 PAPER = {"verbosity": {"chars": {0: 422.0, 4: 1125.0}}, "complexity": {"fkgl": {0: 8.49, 4: 9.10}}}
@@ -128,7 +130,8 @@ def _rows(results: dict[str, dict[str, Any]], name: str, measure: str) -> list[l
         summary = r["summary"][name]
         check = summary["target"]
         kind = TARGETS[name][0]
-        effect = f"x{check[kind]:.2f}" if kind == "ratio" else f"{check[kind]:+.2f}"
+        value = check[kind]  # None where undefined (nothing at level 0), as the JSON outputs store NaN
+        effect = "—" if value is None or value != value else f"x{value:.2f}" if kind == "ratio" else f"{value:+.2f}"
         rows.append([label, *(summary[measure][lvl] for lvl in LEVELS), summary["spearman"], effect,
                      "yes" if check["monotone"] else "no", "met" if check["met"] else "not met",
                      f"{summary['truncated']:.0%}"])

@@ -139,3 +139,29 @@ def test_quantized_variants_are_compared_with_their_16_bit_source(tmp_path: Path
     assert reference_checkpoint(str(source)) == str(source)
     assert reference_checkpoint(str(orphan)) == str(orphan)  # source moved away: nothing better to compare with
     assert reference_checkpoint(str(tmp_path)) == str(tmp_path)  # no manifest
+
+
+def test_an_interrupted_run_goes_on_from_the_variants_it_finished(bench_server, tmp_path: Path, data_files) -> None:
+    from steerserve.benchmarks.partial import PartialResults
+
+    prompts, _ = data_files
+    label = "tiny:bf16 (transformers)"
+
+    def bench(out: Path, *extra: str) -> dict:
+        assert main(["steerability", "--quick", "--url", bench_server.url, "--output", str(out), "--prompts",
+                     str(prompts), "--num-prompts", "1", "--answer-tokens", "8", *extra]) == 0
+        assert not (out / ".partial").exists()  # dropped once the outputs are written
+        return _outputs(out, "steerability")
+
+    first = bench(tmp_path / "first")
+    # What a run killed after its first variant leaves behind: that variant's result, marked to tell it apart.
+    kept = json.loads(json.dumps(first["variants"][label]))
+    kept["answers"][0]["text"] = "KEPT FROM THE INTERRUPTED RUN"
+    PartialResults(tmp_path / "again", first["config"]).save("steerability", {label: kept})
+    again = bench(tmp_path / "again")
+    assert again["variants"][label]["answers"][0]["text"] == "KEPT FROM THE INTERRUPTED RUN"  # not measured again
+    assert again["variants"][label]["summary"] == first["variants"][label]["summary"]
+    # Other measurement arguments: the partial result is not theirs, so everything is measured.
+    PartialResults(tmp_path / "other", first["config"]).save("steerability", {label: kept})
+    other = bench(tmp_path / "other", "--answer-tokens", "6")
+    assert other["variants"][label]["answers"][0]["text"] != "KEPT FROM THE INTERRUPTED RUN"
