@@ -48,12 +48,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def _answers(target: BenchTarget, prompts: list[str], max_tokens: int, parallel: int) -> list[dict[str, Any]]:
-    """Every (slider, level, prompt) answered; greedy so reruns agree."""
+    """Every (slider, level, prompt) answered; greedy so reruns agree.
+
+    Both sweeps hold the other slider at its default, so each sweep's default level asks the very same
+    request as the other sweep's: it is sent once and its answer counted in both (a tenth of the work).
+    """
+    from steerserve.attributes import resolve_attributes
     from steerserve.clients.client import AsyncSteerClient
 
     jobs = [(name, level, i) for name in SWEEPS for level in LEVELS for i in range(len(prompts))]
+    requests = {(i, tuple(sorted(resolve_attributes({name: level}).items()))): (name, level, i)
+                for name, level, i in reversed(jobs)}
     limit = asyncio.Semaphore(parallel)
-    bar = tqdm(total=len(jobs), desc=f"steerability {target.label}", unit="answer")
+    bar = tqdm(total=len(requests), desc=f"steerability {target.label}", unit="answer")
 
     async def one(client: AsyncSteerClient, name: str, level: int, i: int) -> dict[str, Any]:
         async with limit:
@@ -61,13 +68,16 @@ async def _answers(target: BenchTarget, prompts: list[str], max_tokens: int, par
                                       temperature=0.0)
         bar.update(1)
         text = reply.choices[0].message.content
-        return {"slider": name, "level": level, "prompt": i, "text": text, "chars": chars(text), "fkgl": fk_grade(text),
+        return {"text": text, "chars": chars(text), "fkgl": fk_grade(text),
                 "tokens": reply.usage.completion_tokens, "finish_reason": reply.choices[0].finish_reason}
 
     async with AsyncSteerClient(target.url) as client:
-        answers = await asyncio.gather(*(one(client, *job) for job in jobs))
+        replies = await asyncio.gather(*(one(client, *job) for job in requests.values()))
     bar.close()
-    return answers
+    by_request = dict(zip(requests, replies))
+    return [{"slider": name, "level": level, "prompt": i,
+             **by_request[(i, tuple(sorted(resolve_attributes({name: level}).items())))]}
+            for name, level, i in jobs]
 
 
 def target_check(name: str, per_level: dict[int, float]) -> dict[str, Any]:

@@ -55,6 +55,7 @@ def test_all_benchmarks_on_a_started_server(tiny_model_dir: Path, tmp_path: Path
 
 
 def test_steerability_on_a_given_server(bench_server, tmp_path: Path, data_files, tiny_model_dir: Path) -> None:
+    from steerserve.attributes import ATTRIBUTE_DEFAULTS
     from steerserve.training.apm import load_apm
 
     apm, tokenizer, _ = load_apm(str(tiny_model_dir), ["helpfulness", "verbosity"])  # untrained head: wiring only
@@ -68,6 +69,10 @@ def test_steerability_on_a_given_server(bench_server, tmp_path: Path, data_files
     variant = result["variants"]["tiny:bf16 (transformers)"]
     summary = variant["summary"]
     assert set(summary["verbosity"]["chars"]) == {"0", "1", "2", "3", "4"}
+    answers = variant["answers"]
+    assert len(answers) == 10  # 2 sliders x 5 levels x 1 prompt, though the shared default request ran once
+    at_default = [a for a in answers if a["level"] == ATTRIBUTE_DEFAULTS[a["slider"]]]
+    assert len(at_default) == 2 and at_default[0]["text"] == at_default[1]["text"]
     assert set(summary["verbosity"]["target"]) == {"monotone", "ratio", "goal", "met"}
     assert set(variant["default_slider_apm"]) == {"helpfulness", "verbosity"}
     assert result["paper"]["verbosity"]["chars"] == {"0": 422.0, "4": 1125.0}
