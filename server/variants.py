@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from steerserve.precision import NEEDS_CUDA, SERVING_ENGINES, Precision
+from steerserve.precision import NEEDS_CPU_AVX512, NEEDS_CUDA, SERVING_ENGINES, Precision
 from steerserve.prompts import SteeringMethod, render_chat, stop_strings
 from steerserve.server.engines import load_engine_class
 from steerserve.server.engines.base import Engine, EngineConfig
@@ -86,8 +86,8 @@ def _default_steering(tokenizer: Any) -> SteeringMethod:
 
 
 def _unavailable_here(precision: Precision, engine: str) -> str | None:
-    """Why ``engine`` cannot serve ``precision`` on this machine (GPU-only kernels), or None."""
-    if (precision, engine) not in NEEDS_CUDA:
+    """Why ``engine`` cannot serve ``precision`` on this machine (GPU-only or AVX-512-only kernels), or None."""
+    if (precision, engine) not in NEEDS_CUDA | NEEDS_CPU_AVX512:
         return None
     from steerserve.server.engines.vllm_args import detect_platform, precision_unavailable
 

