@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -60,9 +61,29 @@ def _sample_vllm_child(model: str, todo: list[dict[str, Any]], out: Path) -> Non
         spec = Path(tmp) / "requests.json"
         spec.write_text(json.dumps({"model": model, "requests": todo, "out": str(out)}))
         env = dict(os.environ, VLLM_LOGGING_LEVEL=os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"))
-        done = subprocess.run([sys.executable, "-m", "steerserve.training.sampling", str(spec)], env=env)
+        done = subprocess.run([sys.executable, "-m", "steerserve.training.sampling", str(spec)], env=env,
+                              preexec_fn=_terminate_with_parent)
     if done.returncode != 0:
         raise RuntimeError(f"vLLM sampling exited with status {done.returncode} (see the log above)")
+
+
+def _terminate_with_parent() -> None:
+    """In the forked child: SIGTERM it when the training process dies (Linux ``PR_SET_PDEATHSIG``).
+
+    A killed run otherwise left the child's vLLM engine processes decoding for an hour as orphans, on the
+    cores the rerun needed.
+    """
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the parent's death is not signalled
+        pass
+
+
+def _exit_on_sigterm() -> None:
+    """SIGTERM unwinds like ``sys.exit``, so vLLM's exit handlers stop its engine processes with this one."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def _run_vllm(spec: dict[str, Any]) -> None:
@@ -135,4 +156,5 @@ def _sample_transformers(model: str, todo: list[dict[str, Any]], out: Path, batc
 
 
 if __name__ == "__main__":
+    _exit_on_sigterm()
     _run_vllm(json.loads(Path(sys.argv[1]).read_text()))
