@@ -19,6 +19,7 @@ COPY training /opt/steerserve/training
 COPY clients /opt/steerserve/clients
 COPY benchmarks /opt/steerserve/benchmarks
 COPY scripts /opt/steerserve/scripts
+COPY models /opt/steerserve/models
 
 # ---- GPU ---------------------------------------------------------------------------------------------------
 FROM nvidia/cuda:${CUDA_VERSION}-base-ubuntu24.04 AS gpu
