@@ -56,9 +56,11 @@ async def _answers(target: BenchTarget, prompts: list[str], max_tokens: int, par
     from steerserve.attributes import resolve_attributes
     from steerserve.clients.client import AsyncSteerClient
 
+    def request_key(name: str, level: int, i: int) -> tuple[int, tuple[tuple[str, int], ...]]:
+        return i, tuple(sorted(resolve_attributes({name: level}).items()))
+
     jobs = [(name, level, i) for name in SWEEPS for level in LEVELS for i in range(len(prompts))]
-    requests = {(i, tuple(sorted(resolve_attributes({name: level}).items()))): (name, level, i)
-                for name, level, i in reversed(jobs)}
+    requests = {request_key(*job): job for job in reversed(jobs)}
     limit = asyncio.Semaphore(parallel)
     bar = tqdm(total=len(requests), desc=f"steerability {target.label}", unit="answer")
 
@@ -75,8 +77,7 @@ async def _answers(target: BenchTarget, prompts: list[str], max_tokens: int, par
         replies = await asyncio.gather(*(one(client, *job) for job in requests.values()))
     bar.close()
     by_request = dict(zip(requests, replies))
-    return [{"slider": name, "level": level, "prompt": i,
-             **by_request[(i, tuple(sorted(resolve_attributes({name: level}).items())))]}
+    return [{"slider": name, "level": level, "prompt": i, **by_request[request_key(name, level, i)]}
             for name, level, i in jobs]
 
 
