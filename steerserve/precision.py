@@ -61,6 +61,14 @@ def compute_dtype_name(precision: Precision, on_cpu: bool, native_bf16: bool = T
     return precision.torch_dtype_name
 
 
+def compute_dtype_here(precision: Precision) -> str:
+    """:func:`compute_dtype_name` on this machine (a CUDA GPU when torch sees one, else this CPU)."""
+    import torch
+
+    on_cpu = not torch.cuda.is_available()
+    return compute_dtype_name(precision, on_cpu, not on_cpu or cpu_has_native_bf16())
+
+
 FLOAT_PRECISIONS = frozenset({Precision.FP32, Precision.BF16, Precision.FP16})
 SERVED_ONLY_PRECISIONS = frozenset({Precision.FP8})
 

@@ -90,16 +90,13 @@ def _run_vllm(spec: dict[str, Any]) -> None:
     """Child process: one vLLM engine, every request queued at once, each result appended as it finishes."""
     from vllm import LLM, SamplingParams
 
-    import torch
-
-    from steerserve.precision import Precision, compute_dtype_name, cpu_has_native_bf16
+    from steerserve.precision import Precision, compute_dtype_here
     from steerserve.server.engines.vllm_engine import _configure_cpu_threads
 
     _configure_cpu_threads()
     requests = spec["requests"]
     longest = max(r["max_tokens"] for r in requests) + 1024
-    dtype = compute_dtype_name(Precision.BF16, not torch.cuda.is_available(), cpu_has_native_bf16())
-    llm = LLM(model=spec["model"], dtype=dtype, enforce_eager=True, max_model_len=longest, seed=0,
+    llm = LLM(model=spec["model"], dtype=compute_dtype_here(Precision.BF16), enforce_eager=True, max_model_len=longest, seed=0,
               kv_cache_memory_bytes=2 << 30)
     engine = llm.llm_engine
     for r in requests:

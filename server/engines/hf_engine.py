@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from steerserve.precision import Precision, compute_dtype_name, cpu_has_native_bf16
+from steerserve.precision import Precision, compute_dtype_here
 from steerserve.server.engines.base import EngineConfig, EngineError, EngineRequest, GenerationDelta, InvalidRequest
 from steerserve.server.engines.hf_scheduler import (
     DecodeBatch,
@@ -46,8 +46,7 @@ class _Request(PendingRequest):
 def load_kwargs(config: EngineConfig) -> dict[str, Any]:
     """``from_pretrained`` arguments for the configured precision."""
     precision = config.precision
-    on_cpu = not torch.cuda.is_available()
-    kwargs: dict[str, Any] = {"dtype": compute_dtype_name(precision, on_cpu, not on_cpu or cpu_has_native_bf16())}
+    kwargs: dict[str, Any] = {"dtype": compute_dtype_here(precision)}
     if "attn_implementation" in config.extra:
         kwargs["attn_implementation"] = config.extra["attn_implementation"]
     if precision.is_float:
