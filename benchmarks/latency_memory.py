@@ -37,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--repeats", type=int, help="single-stream repetitions (default 3; quick 1)")
     group.add_argument("--prompt-tokens", type=int,
                        help="prompt length for the long-prompt TTFT (default 500; quick 64)")
-    group.add_argument("--no-references", action="store_true", help="skip HF generate / llama.cpp")
+    group.add_argument("--no-references", action="store_true",
+                       help="skip the references (HF generate, llama.cpp, vLLM offline)")
 
 
 def sizes(args: argparse.Namespace) -> tuple[int, int, int]:
@@ -91,6 +92,7 @@ async def _streams(target: BenchTarget, max_tokens: int, concurrency: int, repea
         "single_decode_tokens_per_s": sum((r.output_tokens - 1) / ((r.e2e or 0) - (r.ttft or 0)) for r in singles)
         / len(singles),
         "ttft_s": sum(r.ttft or 0 for r in singles) / len(singles),
+        "prompt_tokens": singles[0].prompt_tokens,
         "batched_tokens_per_s": sum(r.output_tokens for r in batch) / wall,
         "batched_ttft_p50_s": sorted(r.ttft or 0 for r in batch)[len(batch) // 2],
         "concurrency": concurrency,
@@ -110,7 +112,8 @@ def measure(target: BenchTarget, args: argparse.Namespace) -> dict[str, Any]:
 
 def references(targets: list[BenchTarget], args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """HF generate on each distinct 16-bit checkpoint, llama.cpp on the default GGUF (if the default model is
-    among them) and on each served GGUF variant's own file (same weights, no server)."""
+    among them) and on each served GGUF variant's own file, and vLLM offline for each vLLM variant started by
+    the benchmark (same weights, no server)."""
     from steerserve.benchmarks.references import run_reference
 
     if args.no_references:
@@ -128,11 +131,35 @@ def references(targets: list[BenchTarget], args: argparse.Namespace) -> dict[str
         results["llama.cpp (Q4_1 GGUF)"] = run_reference("llama.cpp", str(find_gguf()), **common)
     from steerserve.training.quantize.gguf import find_gguf as variant_gguf
 
+    for target in targets:  # vLLM variants started here: the same engine and prompt offline, no server
+        if target.engine == "vllm" and target.spec is not None:
+            results[offline_name(target.model)] = run_reference("vllm-offline", target.spec,
+                                                                server_args=args.server_arg, **common)
     for target in targets:  # served GGUF variants: llama.cpp offline on the very same file
         if target.precision.startswith("gguf"):
             results[f"llama.cpp offline ({target.precision})"] = run_reference(
                 "llama.cpp", str(variant_gguf(Path(target.root))), **common)
     return results
+
+
+def offline_name(model: str) -> str:
+    return f"vLLM offline ({model})"
+
+
+def server_overhead(results: dict[str, dict[str, Any]], refs: dict[str, dict[str, Any]]) -> dict[str, dict]:
+    """Served vs offline vLLM on the same engine: the share of end-to-end time the server adds, per variant.
+
+    Single stream: 1 - served tok/s / offline tok/s (the issue's "server + steering overhead"); batched the same
+    for ``concurrency`` streams. Negative means the served run was faster (noise, or the server's batching).
+    """
+    overhead = {}
+    for label, served in results.items():
+        offline = refs.get(offline_name(label.rsplit(" (", 1)[0]), {})
+        if "skipped" in offline or not offline or "skipped" in served:
+            continue
+        overhead[label] = {key: 1 - served[key] / offline[key] for key in ("single_tokens_per_s", "batched_tokens_per_s")
+                           if served.get(key) and offline.get(key)}
+    return overhead
 
 
 def reference_checkpoint(root: str) -> str:
@@ -179,6 +206,12 @@ def finish(results: dict[str, dict[str, Any]], refs: dict[str, dict[str, Any]],
                             "batched tok/s", "weights MiB",
                             "peak RSS MiB", "single vs HF generate"], rows)
     max_tokens, concurrency, _ = sizes(args)
+    overhead = server_overhead(results, refs)
+    overhead_lines = "".join(
+        f"- server overhead vs vLLM offline, {label}: "
+        + ", ".join(f"{'single stream' if key.startswith('single') else f'{concurrency} streams'} {share:+.1%}"
+                    for key, share in shares.items()) + "\n"
+        for label, shares in overhead.items())
     note = (f"{max_tokens} tokens per request (greedy, EOS ignored); long-prompt TTFT: a cold prompt of about "
             f"{prompt_tokens(args)} tokens (measured count in brackets), one at a time; peak RSS of the server's "
             f"process tree (references: of their own process).\n\n")
@@ -190,4 +223,5 @@ def finish(results: dict[str, dict[str, Any]], refs: dict[str, dict[str, Any]],
         ax.barh(names, [measured[k][key] for k in names], color="tab:blue")
         ax.set_title(title)
         ax.invert_yaxis()
-    return {"variants": results, "references": refs}, note + table, fig
+    return ({"variants": results, "references": refs, "server_overhead": overhead},
+            note + table + ("\n\n" + overhead_lines if overhead_lines else ""), fig)

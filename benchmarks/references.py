@@ -1,12 +1,14 @@
 """Reference runtimes on the same weights, each in a fresh subprocess so its peak RSS is its own.
 
     result = run_reference("hf-generate", path, prompt="Hi", max_tokens=64, concurrency=8, repeats=3)
-    python -m steerserve.benchmarks.references hf-generate CHECKPOINT --max-tokens 64   # prints JSON
+    python -m steerserve.benchmarks.references hf-generate CHECKPOINT --max-tokens 64   # prints a JSON line
 
-``hf-generate``: transformers ``generate`` (greedy, bf16) on the served
-checkpoint. ``llama.cpp``: llama-cpp-python on the default model's GGUF (the
-file the bf16 checkpoint was dequantized from), single stream only; skipped
-with a note when llama-cpp-python is not installed.
+``hf-generate``: transformers ``generate`` (greedy, in the dtype our transformers engine computes in here) on
+the served checkpoint. ``llama.cpp``: llama-cpp-python on the default model's GGUF (the file the bf16
+checkpoint was dequantized from), single stream only; skipped with a note when llama-cpp-python is not
+installed. ``vllm-offline``: vLLM's ``LLM.generate`` built from a ``steerserve serve --model`` spec and flags,
+with the engine arguments and the rendered prompt the server would use: the server's own overhead is the
+served figure's distance from it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ from pathlib import Path
 from typing import Any
 
 
+_RESULT_MARK = "steerserve-reference-result: "
+"""Prefix of the one stdout line that carries the result; engines may print their own lines to stdout too."""
+
+
 def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
@@ -32,8 +38,11 @@ def hf_generate(path: str, prompt: str, max_tokens: int, concurrency: int, repea
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from steerserve.precision import Precision, compute_dtype_here
+
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    dtype = getattr(torch, compute_dtype_here(Precision.BF16))  # bf16, or float32 on a CPU that emulates bf16
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     messages = [{"role": "user", "content": prompt}]
     text = (tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             if tokenizer.chat_template else prompt)
@@ -82,6 +91,53 @@ def llama_cpp(gguf: str, prompt: str, max_tokens: int, repeats: int) -> dict[str
             "weight_bytes": Path(gguf).stat().st_size, "peak_rss_bytes": _peak_rss_bytes(), "source": gguf}
 
 
+def _tree_rss_bytes() -> int:
+    """RSS of this process and its children (vLLM's engine core runs in a child process)."""
+    import psutil
+
+    me = psutil.Process()
+    return sum(p.memory_info().rss for p in [me, *me.children(recursive=True)])
+
+
+def vllm_offline(spec: str, server_args: list[str], prompt: str, max_tokens: int, concurrency: int,
+                 repeats: int) -> dict[str, Any]:
+    """Single-stream and batched tokens/s of ``LLM.generate`` on the engine ``steerserve serve --model spec``
+    would build (same engine arguments, same rendered prompt token ids, greedy, EOS ignored)."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from steerserve.cli import serve_settings
+    from steerserve.server.app import build_registry
+    from steerserve.server.engines.vllm_args import configure_cpu_threads
+    from steerserve.server.engines.weights import checkpoint_weight_bytes
+    from steerserve.server.variants import prepare_variant
+
+    variant = next(iter(build_registry(serve_settings(["--model", spec, *server_args])).variants.values()))
+    if variant.engine_name != "vllm":
+        raise ValueError(f"{spec}: served by {variant.engine_name}, not vLLM")
+    prepare_variant(variant)
+    configure_cpu_threads()
+    kwargs = variant.engine.engine_kwargs()
+    llm = LLM(**kwargs)
+    ids = variant.tokenize(variant.render([{"role": "user", "content": prompt}], None))
+
+    def run(batch: int, tokens: int) -> float:
+        params = SamplingParams(temperature=0.0, max_tokens=tokens, min_tokens=tokens, ignore_eos=True)
+        start = time.perf_counter()
+        llm.generate([TokensPrompt(prompt_token_ids=ids)] * batch, params, use_tqdm=False)
+        return time.perf_counter() - start
+
+    run(1, 4)  # warm-up
+    singles = [run(1, max_tokens) for _ in range(repeats)]
+    ttft = sum(run(1, 1) for _ in range(repeats)) / repeats
+    return {"single_tokens_per_s": max_tokens * repeats / sum(singles),
+            "single_decode_tokens_per_s": (max_tokens - 1) / (sum(singles) / repeats - ttft), "ttft_s": ttft,
+            "batched_tokens_per_s": concurrency * max_tokens / run(concurrency, max_tokens),
+            "concurrency": concurrency, "prompt_tokens": len(ids), "peak_rss_bytes": _tree_rss_bytes(), "source": spec,
+            "weight_bytes": checkpoint_weight_bytes(Path(kwargs["model"]), kwargs["dtype"],
+                                                    fp8=kwargs.get("quantization") == "fp8")}
+
+
 def available(kind: str) -> str | None:
     """None when ``kind`` can run here, else why not."""
     if kind == "llama.cpp" and importlib.util.find_spec("llama_cpp") is None:
@@ -90,23 +146,29 @@ def available(kind: str) -> str | None:
 
 
 def run_reference(kind: str, source: str, *, prompt: str, max_tokens: int, concurrency: int, repeats: int,
-                  timeout: float = 900) -> dict[str, Any]:
+                  server_args: list[str] | None = None, timeout: float = 900) -> dict[str, Any]:
     """Run one reference in a child process and return its JSON (or ``{"skipped": why}``)."""
     why = available(kind)
     if why:
         return {"skipped": why}
     command = [sys.executable, "-m", "steerserve.benchmarks.references", kind, source, "--prompt", prompt,
-               "--max-tokens", str(max_tokens), "--concurrency", str(concurrency), "--repeats", str(repeats)]
+               "--max-tokens", str(max_tokens), "--concurrency", str(concurrency), "--repeats", str(repeats),
+               *(f"--server-arg={arg}" for arg in server_args or [])]
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
         return {"skipped": f"failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}"}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    lines = [line for line in done.stdout.splitlines() if line.startswith(_RESULT_MARK)]
+    if not lines:
+        return {"skipped": f"failed: no result line in its output (exit {done.returncode})"}
+    return json.loads(lines[-1][len(_RESULT_MARK):])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kind", choices=["hf-generate", "llama.cpp"])
-    parser.add_argument("source", help="checkpoint folder (hf-generate) or GGUF file (llama.cpp)")
+    parser.add_argument("kind", choices=["hf-generate", "llama.cpp", "vllm-offline"])
+    parser.add_argument("source", help="checkpoint folder (hf-generate), GGUF file (llama.cpp) or a "
+                                       "'steerserve serve --model' spec (vllm-offline)")
+    parser.add_argument("--server-arg", action="append", default=[], help="vllm-offline: a 'steerserve serve' flag")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--concurrency", type=int, default=8)
@@ -114,9 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.kind == "hf-generate":
         result = hf_generate(args.source, args.prompt, args.max_tokens, args.concurrency, args.repeats)
+    elif args.kind == "vllm-offline":
+        result = vllm_offline(args.source, args.server_arg, args.prompt, args.max_tokens, args.concurrency,
+                              args.repeats)
     else:
         result = llama_cpp(args.source, args.prompt, args.max_tokens, args.repeats)
-    print(json.dumps(result))
+    print(_RESULT_MARK + json.dumps(result), flush=True)
     return 0
 
 

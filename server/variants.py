@@ -152,6 +152,21 @@ def build_variant(spec: VariantSpec, settings: ServerSettings, path: Path) -> Va
     )
 
 
+def prepare_variant(variant: Variant) -> None:
+    """The blocking work before a variant's engine starts: merging (if any), its tokenizer, its steering method.
+
+    Separate from the engine start so the offline vLLM benchmark reference renders prompts exactly as served.
+    """
+    from transformers import AutoTokenizer
+
+    if variant.prepare is not None:
+        variant.prepare()
+    variant.tokenizer = AutoTokenizer.from_pretrained(str(variant.tokenizer_path or variant.path))
+    variant.steering = variant.steering or _default_steering(variant.tokenizer)
+    if variant.steering is not SteeringMethod.STEERLM and not variant.tokenizer.chat_template:
+        raise ValueError(f"steering {variant.steering.value!r} needs a chat template; the tokenizer has none")
+
+
 class VariantRegistry:
     """All variants of one server; loads them in the background so /health can say 503 meanwhile."""
 
@@ -181,16 +196,8 @@ class VariantRegistry:
             await self._load(variant)
 
     async def _load(self, variant: Variant) -> None:
-        from transformers import AutoTokenizer
-
         try:
-            if variant.prepare is not None:
-                await asyncio.to_thread(variant.prepare)
-            tokenizer_path = variant.tokenizer_path or variant.path
-            variant.tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, str(tokenizer_path))
-            variant.steering = variant.steering or _default_steering(variant.tokenizer)
-            if variant.steering is not SteeringMethod.STEERLM and not variant.tokenizer.chat_template:
-                raise ValueError(f"steering {variant.steering.value!r} needs a chat template; the tokenizer has none")
+            await asyncio.to_thread(prepare_variant, variant)
             await variant.engine.start()
             variant.ready = True
             logger.info("variant %s ready (%s, %s)", variant.id, variant.engine_name, variant.steering.value)

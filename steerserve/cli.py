@@ -16,6 +16,10 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from steerserve.server.settings import ServerSettings
 
 
 def _serve_parser() -> argparse.ArgumentParser:
@@ -51,14 +55,14 @@ def _serve_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def serve(argv: list[str]) -> int:
-    """Parse flags over env/YAML settings and run uvicorn until interrupted."""
-    args = _serve_parser().parse_args(argv)
-    import uvicorn
+def serve_settings(argv: list[str]) -> ServerSettings:
+    """``steerserve serve`` flags over env/YAML settings, as the server will run them.
 
-    from steerserve.server.app import create_app
+    The benchmarks' offline vLLM reference builds its engine from the same flags, so both start alike.
+    """
     from steerserve.server.settings import ServerSettings, VariantSpec
 
+    args = _serve_parser().parse_args(argv)
     overrides = {
         key: getattr(args, key)
         for key in ("engine", "host", "port", "api_key", "max_model_len", "max_num_seqs", "kv_cache_gib",
@@ -73,6 +77,16 @@ def serve(argv: list[str]) -> int:
 
         specs = default_model_specs() if not args.no_shipped_adapters else [VariantSpec(path="default")]
         settings = settings.model_copy(update={"models": specs})
+    return settings
+
+
+def serve(argv: list[str]) -> int:
+    """Parse flags over env/YAML settings and run uvicorn until interrupted."""
+    settings = serve_settings(argv)
+    import uvicorn
+
+    from steerserve.server.app import create_app
+
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
     # SIGTERM: uvicorn stops accepting and waits up to the grace period for in-flight requests;

@@ -54,6 +54,25 @@ def test_all_benchmarks_on_a_started_server(tiny_model_dir: Path, tmp_path: Path
     assert "## latency_memory" in summary and "## steerability" in summary and "paper (HelpSteer)" in summary
 
 
+def test_latency_memory_measures_the_server_against_the_same_vllm_engine_offline(tiny_model_dir: Path,
+                                                                                 tmp_path: Path) -> None:
+    out = tmp_path / "latency"
+    code = main(["latency_memory", "--quick", "--output", str(out), "--variant", f"{tiny_model_dir},name=tiny",
+                 "--server-arg=--max-model-len=512", "--max-tokens", "8"])
+    assert code == 0
+    latency = _outputs(out, "latency_memory")
+    served = latency["variants"]["tiny:bf16 (vllm)"]
+    offline = latency["references"]["vLLM offline (tiny:bf16)"]
+    assert offline["single_tokens_per_s"] > 0 and offline["batched_tokens_per_s"] > 0 and offline["concurrency"] == 4
+    assert offline["peak_rss_bytes"] > offline["weight_bytes"] > 100_000
+    assert offline["prompt_tokens"] == served["prompt_tokens"] > 5  # the prompt the server renders, token for token
+    overhead = latency["server_overhead"]["tiny:bf16 (vllm)"]
+    assert overhead["single_tokens_per_s"] == pytest.approx(
+        1 - served["single_tokens_per_s"] / offline["single_tokens_per_s"])
+    assert set(overhead) == {"single_tokens_per_s", "batched_tokens_per_s"}
+    assert "server overhead vs vLLM offline, tiny:bf16 (vllm): single stream" in (out / "latency_memory.md").read_text()
+
+
 def test_steerability_on_a_given_server(bench_server, tmp_path: Path, data_files, tiny_model_dir: Path) -> None:
     from steerserve.attributes import ATTRIBUTE_DEFAULTS
     from steerserve.training.apm import load_apm
