@@ -21,6 +21,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,17 @@ _RESULT_MARK = "steerserve-reference-result: "
 
 def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _timed(run: Callable[[int, int], float], max_tokens: int, concurrency: int, repeats: int) -> dict[str, Any]:
+    """The batch-generate references' figures from ``run(batch, tokens) -> seconds``: warm-up, ``repeats`` single
+    streams, TTFT as a one-token generate (prefill), then ``concurrency`` sequences in one batch."""
+    run(1, 4)  # warm-up
+    singles = [run(1, max_tokens) for _ in range(repeats)]
+    ttft = sum(run(1, 1) for _ in range(repeats)) / repeats
+    return {"single_tokens_per_s": max_tokens * repeats / sum(singles),
+            "single_decode_tokens_per_s": (max_tokens - 1) / (sum(singles) / repeats - ttft), "ttft_s": ttft,
+            "batched_tokens_per_s": concurrency * max_tokens / run(concurrency, max_tokens), "concurrency": concurrency}
 
 
 def hf_generate(path: str, prompt: str, max_tokens: int, concurrency: int, repeats: int) -> dict[str, Any]:
@@ -55,13 +67,8 @@ def hf_generate(path: str, prompt: str, max_tokens: int, concurrency: int, repea
                            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
         return time.perf_counter() - start
 
-    run(1, 4)  # warm-up
-    singles = [run(1, max_tokens) for _ in range(repeats)]
-    ttft = sum(run(1, 1) for _ in range(repeats)) / repeats
-    single = max_tokens * repeats / sum(singles)
-    return {"single_tokens_per_s": single, "single_decode_tokens_per_s": (max_tokens - 1) / (sum(singles) / repeats - ttft),
-            "ttft_s": ttft, "batched_tokens_per_s": concurrency * max_tokens / run(concurrency, max_tokens),
-            "concurrency": concurrency, "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+    return {**_timed(run, max_tokens, concurrency, repeats),
+            "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
             "peak_rss_bytes": _peak_rss_bytes(), "source": path}
 
 
@@ -127,13 +134,8 @@ def vllm_offline(spec: str, server_args: list[str], prompt: str, max_tokens: int
         llm.generate([TokensPrompt(prompt_token_ids=ids)] * batch, params, use_tqdm=False)
         return time.perf_counter() - start
 
-    run(1, 4)  # warm-up
-    singles = [run(1, max_tokens) for _ in range(repeats)]
-    ttft = sum(run(1, 1) for _ in range(repeats)) / repeats
-    return {"single_tokens_per_s": max_tokens * repeats / sum(singles),
-            "single_decode_tokens_per_s": (max_tokens - 1) / (sum(singles) / repeats - ttft), "ttft_s": ttft,
-            "batched_tokens_per_s": concurrency * max_tokens / run(concurrency, max_tokens),
-            "concurrency": concurrency, "prompt_tokens": len(ids), "peak_rss_bytes": _tree_rss_bytes(), "source": spec,
+    return {**_timed(run, max_tokens, concurrency, repeats), "prompt_tokens": len(ids),
+            "peak_rss_bytes": _tree_rss_bytes(), "source": spec,
             "weight_bytes": checkpoint_weight_bytes(Path(kwargs["model"]), kwargs["dtype"],
                                                     fp8=kwargs.get("quantization") == "fp8")}
 
