@@ -90,3 +90,24 @@ def check_chat_and_mcq(url: str, client: openai.OpenAI, model: str) -> None:
     answer = httpx.post(url + "/v1/mcq", json=body, timeout=60).json()
     assert math.isclose(sum(answer["probabilities"].values()), 1.0, abs_tol=1e-4)
     assert answer["answer"] in "ABCD"
+
+
+def test_source_quality_is_measured_once_per_source_weights(tiny_source: Path, tmp_path: Path) -> None:
+    """Every precision made from one source compares with the same source figures, measured once; new
+    weights (or another eval set) are measured afresh."""
+    import os
+
+    from steerserve.precision import Precision
+    from steerserve.training.quantize.quality import QualityConfig, build_eval_set, measure_source
+
+    eval_set = build_eval_set(tiny_source, QualityConfig(text_chars=800, mcq_per_subject=1, mcq_max_items=6))
+    first = measure_source(tiny_source, Precision.BF16, eval_set, tmp_path)
+    [remembered] = (tmp_path / "source-quality").glob("*.json")
+    assert json.loads(remembered.read_text()) == first and first["perplexity"] > 1
+    remembered.write_text(json.dumps({**first, "perplexity": 12345.0}))  # proves the second call reads the file
+    assert measure_source(tiny_source, Precision.BF16, eval_set, tmp_path)["perplexity"] == 12345.0
+    weights = next(tiny_source.glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1_000_000_000))
+    assert measure_source(tiny_source, Precision.BF16, eval_set, tmp_path) == first  # retrained: measured again
+    fewer = build_eval_set(tiny_source, QualityConfig(text_chars=800, mcq_per_subject=1, mcq_max_items=3))
+    assert measure_source(tiny_source, Precision.BF16, fewer, tmp_path)["mcq_items"] == 3

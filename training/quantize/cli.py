@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mcq-items", type=int, help="keep only the first N MCQ items (quick checks)")
     parser.add_argument("--scorer", help="override how quality is measured: transformers, vllm or llama.cpp")
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "steerserve",
-                        help="where 'default' is converted and tool environments live")
+                        help="where 'default' is converted, tool environments live and source quality is remembered")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
 
@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> Path:
     from steerserve.training.quantize.methods import (
         QuantizeJob, check_available, dir_bytes, load_quantizer, versions,
     )
-    from steerserve.training.quantize.quality import QualityConfig, build_eval_set, measure, summarise, SCORERS
+    from steerserve.training.quantize.quality import QualityConfig, build_eval_set, measure_source, summarise, SCORERS
 
     source = resolve_source(args.source, args.cache_dir)
     info = _source_info(source)
@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> Path:
     quality_config = QualityConfig(text_chars=args.eval_chars, mcq_per_subject=args.mcq_per_subject,
                                    mcq_max_items=args.mcq_items)
     eval_set = build_eval_set(source, quality_config)
-    source_quality = measure(source, Precision(info["precision"]), "transformers", eval_set)
+    source_quality = measure_source(source, Precision(info["precision"]), eval_set, args.cache_dir)
     logger.info("source quality: %s", source_quality)
     job = QuantizeJob(source, args.precision, args.calibration, args.calibration_samples,
                       args.calibration_max_tokens, eval_set=None if args.scorer else eval_set)
