@@ -77,6 +77,13 @@ def test_manifests_record_calibration_and_quality(vllm_variants: dict[str, Path]
         assert manifest["quality"]["variant"]["perplexity"] > 1 and "mcq_accuracy" in manifest["quality"]["variant"]
         if precision in NOT_SERVED_ON_CPU:
             assert any("vLLM-CPU" in note for note in manifest["notes"])
+        if library == "llmcompressor":  # calibrated in the dtype this CPU computes in, stored in bf16 either way
+            from steerserve.precision import Precision, compute_dtype_here
+            from safetensors import safe_open
+
+            assert manifest["settings"]["calibration_dtype"] == compute_dtype_here(Precision.BF16)
+            with safe_open(str(path / "model.safetensors"), "pt") as weights:
+                assert weights.get_slice("model.norm.weight").get_dtype() == "BF16", precision
 
 
 def test_vllm_serves_every_variant(server: LiveServer, vllm_variants: dict[str, Path]) -> None:

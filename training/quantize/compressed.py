@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from steerserve.precision import Precision
+from steerserve.precision import Precision, compute_dtype_here
 from steerserve.training.quantize.gptq import group_size_for
 from steerserve.training.quantize.calibration import calibration_entry, calibration_texts
 from steerserve.training.quantize.methods import MethodResult, QuantizeJob, Unavailable, copy_tokenizer
@@ -76,7 +76,8 @@ def quantize(job: QuantizeJob, work: Path) -> MethodResult:
         spec = Path(tmp) / "spec.json"
         spec.write_text(json.dumps({"source": str(job.source), "output": str(work), "scheme": scheme,
                                     "group_size": group, "texts": texts,
-                                    "max_tokens": job.calibration_max_tokens, "seed": job.seed}))
+                                    "max_tokens": job.calibration_max_tokens, "seed": job.seed,
+                                    "calibration_dtype": compute_dtype_here(Precision.BF16)}))
         run_tool([str(python), str(TOOL), str(spec)], "llm-compressor oneshot")
     copy_tokenizer(job.source, work)
     smooth = job.precision is Precision.W8A8
@@ -87,5 +88,6 @@ def quantize(job: QuantizeJob, work: Path) -> MethodResult:
         calibration=calibration_entry(job.calibration, len(texts), job.calibration_max_tokens),
         settings={"scheme": scheme, "group_size": group, "ignore": ["lm_head"],
                   "smoothing_strength": 0.8 if smooth else None,
+                  "calibration_dtype": compute_dtype_here(Precision.BF16),
                   "tool_environment": str(venv_dir())},
     )
