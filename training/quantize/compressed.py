@@ -72,12 +72,13 @@ def quantize(job: QuantizeJob, work: Path) -> MethodResult:
     scheme = SCHEMES[job.precision]
     group = group_size_for(job.source) if job.precision is Precision.W4A16 else None
     texts = calibration_texts(job.calibration, job.calibration_samples)
+    calibration_dtype = compute_dtype_here(Precision.BF16)  # float32 on a CPU that only emulates bf16
     with tempfile.TemporaryDirectory(prefix="steerserve-llmc-") as tmp:
         spec = Path(tmp) / "spec.json"
         spec.write_text(json.dumps({"source": str(job.source), "output": str(work), "scheme": scheme,
                                     "group_size": group, "texts": texts,
                                     "max_tokens": job.calibration_max_tokens, "seed": job.seed,
-                                    "calibration_dtype": compute_dtype_here(Precision.BF16)}))
+                                    "calibration_dtype": calibration_dtype}))
         run_tool([str(python), str(TOOL), str(spec)], "llm-compressor oneshot")
     copy_tokenizer(job.source, work)
     smooth = job.precision is Precision.W8A8
@@ -88,6 +89,6 @@ def quantize(job: QuantizeJob, work: Path) -> MethodResult:
         calibration=calibration_entry(job.calibration, len(texts), job.calibration_max_tokens),
         settings={"scheme": scheme, "group_size": group, "ignore": ["lm_head"],
                   "smoothing_strength": 0.8 if smooth else None,
-                  "calibration_dtype": compute_dtype_here(Precision.BF16),
+                  "calibration_dtype": calibration_dtype,
                   "tool_environment": str(venv_dir())},
     )

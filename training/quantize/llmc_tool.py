@@ -41,7 +41,7 @@ def main(spec: dict[str, Any]) -> None:
     torch.manual_seed(spec["seed"])
     tokenizer = AutoTokenizer.from_pretrained(spec["source"])
     # Calibrate in float32 on a CPU that only emulates bf16 (several times faster there); save in bf16 either way.
-    dtype = getattr(torch, spec.get("calibration_dtype", "bfloat16"))
+    dtype = getattr(torch, spec["calibration_dtype"])
     model = AutoModelForCausalLM.from_pretrained(spec["source"], dtype=dtype)
     rows = [tokenizer(t, truncation=True, max_length=spec["max_tokens"]) for t in spec["texts"]]
     dataset = Dataset.from_list([{"input_ids": r["input_ids"], "attention_mask": r["attention_mask"]} for r in rows])

@@ -28,6 +28,7 @@ from typing import Any
 from steerserve.precision import Precision, compute_dtype_here
 from steerserve.prompts import MCQ_ANSWER_PREFIX, SteeringMethod, mcq_answer_token_text, render_chat, render_mcq_question
 from steerserve.training.quantize.calibration import MMLU_TEST, MT_BENCH_ANSWERS, held_out_text, mmlu_rows
+from steerserve.training.output import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -190,7 +191,5 @@ def measure_source(source: Path, precision: Precision, eval_set: dict[str, Any],
         return json.loads(path.read_text())
     quality = measure(source, precision, "transformers", eval_set)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(f".{os.getpid()}.partial")
-    partial.write_text(json.dumps(quality))
-    partial.replace(path)  # atomic: a concurrent quantization reads a whole file or none
+    write_json_atomic(path, quality)  # a concurrent quantization reads a whole file or none
     return quality
