@@ -44,13 +44,16 @@ $(RUNS)/mcq/manifest.json:
 package-steered-default:
 	python -m steerserve.steered_default package $(RUNS) $(SHIPPED)
 
-# The steered default (AC-SFT, merged) in every precision this CPU makes, then steerability and held-out MCQ per
+# The steered default (AC-SFT) in every precision this CPU makes, then steerability and held-out MCQ per
 # precision side by side: quantization must not erase steering. Finished quantizations are skipped.
+# The shipped adapter is merged into the default model first, so no training is needed
+# (STEERED_SOURCE=$(RUNS)/acsft quantizes a fresh training run instead).
 PRECISIONS ?= bf16 int8 nf4 gptq-w4 w8a8 w4a16 gguf-q8_0 gguf-q4_k_m
 BENCH_PROMPTS ?= 80
-steered-precisions: $(RUNS)/acsft/manifest.json
+STEERED_SOURCE ?= $(SHIPPED)/acsft
+steered-precisions:
 	for p in $(PRECISIONS); do \
-	    [ -f $(RUNS)/q/$$p/manifest.json ] || steerserve quantize $(RUNS)/acsft --precision $$p --output $(RUNS)/q/$$p \
+	    [ -f $(RUNS)/q/$$p/manifest.json ] || steerserve quantize $(STEERED_SOURCE) --precision $$p --output $(RUNS)/q/$$p \
 	        --eval-chars 8000 --mcq-per-subject 1 || exit 1; \
 	done
 	steerserve bench steerability $(foreach p,$(PRECISIONS),--variant $(RUNS)/q/$(p)) --num-prompts $(BENCH_PROMPTS) \

@@ -114,7 +114,7 @@ def _merged_variant(
     prepare = None
     merged = source.merged_dir
     if merged is None:
-        merged = _cache_dir(settings.cache_dir, source.adapter_dir, base.path)
+        merged = merged_cache_dir(settings.cache_dir, source.adapter_dir, base.path)
         prepare = functools.partial(merge_adapter, base.path, source.adapter_dir, merged)
     name = model_id.rpartition(":")[0]
     merged_spec = spec.model_copy(update={
@@ -127,7 +127,7 @@ def _merged_variant(
                                base=base.id, served_as="merged", served_as_reason=reason, prepare=prepare)
 
 
-def _cache_dir(cache_dir: Path, adapter_dir: Path, base_path: Path) -> Path:
+def merged_cache_dir(cache_dir: Path, adapter_dir: Path, base_path: Path) -> Path:
     """Where a merge of this adapter (as it is now) into this base lives; a changed adapter merges anew."""
     weights = sorted(adapter_dir.glob("adapter_model.*"))
     stamp = [str(adapter_dir), str(base_path), *(f"{w.name}:{w.stat().st_mtime_ns}:{w.stat().st_size}" for w in weights)]

@@ -54,9 +54,10 @@ def cpu_has_native_bf16() -> bool:
 
 
 def compute_dtype_name(precision: Precision, on_cpu: bool, native_bf16: bool = True) -> str:
-    """The dtype an engine computes ``precision`` in: 16-bit float checkpoints in float32 on a CPU that
-    has no native bf16 (the weights are upcast as they load: twice the memory, a fraction of the time)."""
-    if on_cpu and not native_bf16 and precision in (Precision.BF16, Precision.FP16):
+    """The dtype an engine computes ``precision`` in: float32 on a CPU that has no native bf16, for 16-bit
+    float checkpoints (the weights are upcast as they load: twice the memory, a fraction of the time) and
+    for bitsandbytes ones (their weights stay packed; only the dequantized tiles and activations are float32)."""
+    if on_cpu and not native_bf16 and precision in FLOAT32_WITHOUT_NATIVE_BF16:
         return "float32"
     return precision.torch_dtype_name
 
@@ -70,6 +71,9 @@ def compute_dtype_here(precision: Precision) -> str:
 
 
 FLOAT_PRECISIONS = frozenset({Precision.FP32, Precision.BF16, Precision.FP16})
+# Precisions whose engine would compute in 16-bit floats and can compute in float32 instead (CPU emulation of
+# bf16 costs several times the float32 time). vLLM's w8a8/4-bit CPU kernels keep their own activation dtype.
+FLOAT32_WITHOUT_NATIVE_BF16 = frozenset({Precision.BF16, Precision.FP16, Precision.INT8, Precision.NF4})
 SERVED_ONLY_PRECISIONS = frozenset({Precision.FP8})
 
 # Engines able to serve each precision, preferred first (see server.engines.ENGINES).

@@ -17,8 +17,10 @@ import asyncio
 import collections
 import dataclasses
 import gc
+import json
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -46,7 +48,8 @@ class _Request(PendingRequest):
 def load_kwargs(config: EngineConfig) -> dict[str, Any]:
     """``from_pretrained`` arguments for the configured precision."""
     precision = config.precision
-    kwargs: dict[str, Any] = {"dtype": compute_dtype_here(precision)}
+    compute_dtype = compute_dtype_here(precision)
+    kwargs: dict[str, Any] = {"dtype": compute_dtype}
     if "attn_implementation" in config.extra:
         kwargs["attn_implementation"] = config.extra["attn_implementation"]
     if precision.is_float:
@@ -64,9 +67,37 @@ def load_kwargs(config: EngineConfig) -> dict[str, Any]:
         _warn_once("bitsandbytes.autograd._functions", "MatMul8bitLt: inputs will be cast")
     else:
         quantization = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=getattr(torch, compute_dtype)
         )
     return kwargs | {"quantization_config": quantization, "device_map": config.extra.get("device_map", "cpu")}
+
+
+def load_model(path: str, config: EngineConfig) -> Any:
+    """The model as this engine runs it, in eval mode.
+
+    A saved nf4 checkpoint brings its own ``bnb_4bit_compute_dtype`` (the quantizing machine's), and
+    transformers keeps the saved quantization config over the one passed in; the 4-bit layers are set
+    to this machine's compute dtype after loading (float32 on a CPU without native bf16).
+    """
+    from transformers import AutoModelForCausalLM
+
+    kwargs = load_kwargs(config)
+    if _saved_quantization_config(path):  # pre-quantized: the saved config wins anyway; don't pass a second one
+        kwargs.pop("quantization_config", None)
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+    if config.precision is Precision.NF4:
+        import bitsandbytes
+
+        dtype = getattr(torch, kwargs["dtype"])
+        for module in model.modules():
+            if isinstance(module, bitsandbytes.nn.Linear4bit):
+                module.compute_dtype = dtype
+    return model
+
+
+def _saved_quantization_config(path: str) -> bool:
+    config = Path(path) / "config.json"
+    return config.is_file() and "quantization_config" in json.loads(config.read_text())
 
 
 class _OnceFilter(logging.Filter):
@@ -107,11 +138,11 @@ class TransformersEngine(ThreadedEngine[_Request]):
     # ------------------------------------------------------------------ lifecycle
 
     def _load(self) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         started = time.monotonic()
         self._tokenizer = AutoTokenizer.from_pretrained(self.config.model)
-        model = AutoModelForCausalLM.from_pretrained(self.config.model, **load_kwargs(self.config)).eval()
+        model = load_model(self.config.model, self.config)
         padded = enable_padded_attention(model)
         eos = {self._tokenizer.eos_token_id, model.config.eos_token_id, model.generation_config.eos_token_id}
         flat = {i for e in eos for i in (e if isinstance(e, (list, tuple)) else [e])}

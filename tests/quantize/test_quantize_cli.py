@@ -62,6 +62,43 @@ def test_unavailable_precision_says_why_in_one_line(precision: str, tiny_source:
     assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())
 
 
+def test_a_lora_adapter_is_merged_into_its_base_and_keeps_its_name(tiny_source: Path, tmp_path: Path) -> None:
+    """``steerserve quantize models/steered-default/acsft`` works on the shipped adapter: merged once, named as it."""
+    from adapter_helpers import make_adapter
+    from safetensors.torch import load_file
+
+    adapter = make_adapter(tiny_source, tmp_path / "steer-lora", seed=3,
+                           manifest={"name": "tinysteer", "steering": "described", "base_model": str(tiny_source)})
+    cache = tmp_path / "cache"
+    assert quantize(adapter, "fp16", tmp_path / "fp16", "--cache-dir", str(cache)) == 0
+    manifest = json.loads((tmp_path / "fp16" / "manifest.json").read_text())
+    assert manifest["name"] == "tinysteer" and manifest["steering"] == "described"
+    assert manifest["source"]["merged_from"] == str(adapter.resolve())
+    merged = Path(manifest["source"]["path"])
+    assert merged.parent == cache / "merged" and (merged / "config.json").is_file()
+    name = "model.layers.0.self_attn.q_proj.weight"
+    base_weight, variant_weight = (load_file(str(d / "model.safetensors"))[name].float()
+                                   for d in (tiny_source, tmp_path / "fp16"))
+    assert (base_weight - variant_weight).abs().max() > 1e-3  # the adapter's delta is in the weights
+    stamp = (merged / "model.safetensors").stat().st_mtime_ns
+    assert quantize(adapter, "fp16", tmp_path / "fp16-again", "--cache-dir", str(cache)) == 0
+    assert (merged / "model.safetensors").stat().st_mtime_ns == stamp  # merged once
+
+
+def test_scoring_in_an_engine_that_cannot_run_the_precision_is_refused_up_front(
+        tiny_source: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--scorer vllm`` for a 4-bit variant on an AVX2-only CPU fails in one line before any quantization."""
+    from steerserve.precision import Precision
+    from steerserve.server.engines.vllm_args import detect_platform, precision_unavailable
+
+    if not precision_unavailable(Precision.W4A16, detect_platform()):
+        pytest.skip("this machine's vLLM runs w4a16")
+    assert quantize(tiny_source, "w4a16", tmp_path / "out", "--scorer", "vllm") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--scorer vllm cannot score w4a16 here" in err and "AVX-512" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_rejects_unknown_calibration_and_quantized_sources(transformers_variants: dict[str, Path],
                                                            tiny_source: Path, tmp_path: Path) -> None:
     assert quantize(tiny_source, "fp16", tmp_path / "a", "--calibration", "nope") == 0  # cast is not calibrated
@@ -111,3 +148,27 @@ def test_source_quality_is_measured_once_per_source_weights(tiny_source: Path, t
     assert measure_source(tiny_source, Precision.BF16, eval_set, tmp_path) == first  # retrained: measured again
     fewer = build_eval_set(tiny_source, QualityConfig(text_chars=800, mcq_per_subject=1, mcq_max_items=3))
     assert measure_source(tiny_source, Precision.BF16, fewer, tmp_path)["mcq_items"] == 3
+
+
+def test_bitsandbytes_variants_compute_in_this_machines_dtype(transformers_variants: dict[str, Path]) -> None:
+    """float32 where the CPU only emulates bf16 (several times faster there), whatever the saved config says."""
+    if "nf4" not in transformers_variants:
+        pytest.skip("bitsandbytes is not installed")
+    import bitsandbytes
+    import torch
+
+    from steerserve.precision import Precision, compute_dtype_here
+    from steerserve.server.engines.base import EngineConfig
+    from steerserve.server.engines.hf_engine import load_model
+
+    for precision in (Precision.NF4, Precision.INT8):
+        path = str(transformers_variants[precision.value])
+        model = load_model(path, EngineConfig(model=path, precision=precision))
+        expected = getattr(torch, compute_dtype_here(precision))
+        assert model.get_input_embeddings().weight.dtype == expected, precision
+        if precision is Precision.NF4:
+            layers = [m for m in model.modules() if isinstance(m, bitsandbytes.nn.Linear4bit)]
+            assert layers and {m.compute_dtype for m in layers} == {expected}
+        with torch.inference_mode():
+            logits = model(input_ids=torch.tensor([[1, 2, 3]])).logits
+        assert logits.dtype == expected and torch.isfinite(logits).all(), precision

@@ -77,6 +77,9 @@ def test_manifests_record_calibration_and_quality(vllm_variants: dict[str, Path]
         assert manifest["quality"]["variant"]["perplexity"] > 1 and "mcq_accuracy" in manifest["quality"]["variant"]
         if precision in NOT_SERVED_ON_CPU:
             assert any("vLLM-CPU" in note for note in manifest["notes"])
+        if library == "llmcompressor" and _refused_here(precision):  # scored where the weights can run
+            assert manifest["quality"]["scored_with"].startswith("transformers + compressed-tensors"), precision
+            assert any("not scored in vLLM" in note for note in manifest["notes"]), precision
         if library == "llmcompressor":  # calibrated in the dtype this CPU computes in, stored in bf16 either way
             from steerserve.precision import Precision, compute_dtype_here
             from safetensors import safe_open

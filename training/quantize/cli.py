@@ -29,7 +29,8 @@ EXIT_UNAVAILABLE = 3
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="steerserve quantize", description=__doc__.split("\n\n")[0])
-    parser.add_argument("source", help="checkpoint directory written by a training recipe, or 'default'")
+    parser.add_argument("source", help="checkpoint directory written by a training recipe, a LoRA adapter "
+                        "directory (merged into its base first), or 'default'")
     parser.add_argument("--precision", required=True, type=Precision, choices=list(Precision),
                         metavar="{" + ",".join(p.value for p in Precision) + "}")
     parser.add_argument("--output", type=Path, required=True, help="output directory (written atomically)")
@@ -40,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-chars", type=int, default=16000, help="held-out characters scored for perplexity")
     parser.add_argument("--mcq-per-subject", type=int, default=2, help="MMLU test questions per subject (57)")
     parser.add_argument("--mcq-items", type=int, help="keep only the first N MCQ items (quick checks)")
-    parser.add_argument("--scorer", help="override how quality is measured: transformers, vllm or llama.cpp")
+    parser.add_argument("--scorer", choices=["transformers", "vllm", "llama.cpp"],
+                        help="override how quality is measured")
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "steerserve",
                         help="where 'default' is converted, tool environments live and source quality is remembered")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -48,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_source(text: str, cache_dir: Path) -> Path:
-    """A float checkpoint directory (``default`` is converted once into the cache)."""
+    """A float checkpoint directory: ``default`` is converted once into the cache, and a LoRA adapter
+    (the shipped ``models/steered-default/acsft``, or any adapter directory) is merged once into its base."""
     from steerserve.server.variants import read_manifest
 
     if text == "default":
@@ -57,11 +60,41 @@ def resolve_source(text: str, cache_dir: Path) -> Path:
         return default_model_dir(cache_dir)
     path = Path(text).expanduser().resolve()
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json)")
+        if (path / "adapter_config.json").is_file():
+            return _merged_adapter(path, cache_dir)
+        raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json) nor a LoRA adapter")
     precision = read_manifest(path).get("precision", "bf16")
     if not Precision(precision).is_float:
         raise ValueError(f"{path} is already quantized ({precision}); quantize from its 16-bit source")
     return path
+
+
+def _merged_adapter(adapter_dir: Path, cache_dir: Path) -> Path:
+    """The adapter merged into the base its manifest names (the default model or a checkpoint path).
+
+    The merge lands where the server would put it (``cache_dir/merged``), with the adapter's
+    manifest beside it, so the variants keep the adapter's name and steering method.
+    """
+    from steerserve.default_model import DEFAULT_MODEL_NAME, default_model_dir
+    from steerserve.server.adapters import find_adapter, merge_adapter, merged_cache_dir
+    from steerserve.server.variants import read_manifest
+    from steerserve.training.output import write_json_atomic
+
+    source = find_adapter(adapter_dir)
+    base_name = source.manifest.get("base_model") or source.config.get("base_model_name_or_path") or ""
+    if base_name == DEFAULT_MODEL_NAME:
+        base = default_model_dir(cache_dir)
+    elif (Path(base_name).expanduser() / "config.json").is_file():
+        base = Path(base_name).expanduser().resolve()
+    else:
+        raise FileNotFoundError(f"{adapter_dir}: its base {base_name!r} is neither the default model nor a "
+                                "checkpoint directory here; merge it first or pass the merged checkpoint")
+    merged = merge_adapter(base, source.adapter_dir, merged_cache_dir(cache_dir, source.adapter_dir, base))
+    manifest = {**source.manifest, "name": source.manifest.get("name") or source.default_name,
+                "precision": read_manifest(base).get("precision", "bf16"), "merged_from": str(source.adapter_dir),
+                "base_model": source.manifest.get("base_model") or str(base)}
+    write_json_atomic(merged / "manifest.json", manifest)
+    return merged
 
 
 def _source_info(source: Path) -> dict[str, Any]:
@@ -76,7 +109,8 @@ def _source_info(source: Path) -> dict[str, Any]:
         steering = "instructions" if AutoTokenizer.from_pretrained(str(source)).chat_template else "steerlm"
     return {"path": str(source), "name": manifest.get("name") or source.name,
             "precision": manifest.get("precision", "bf16"), "steering": steering,
-            "recipe": manifest.get("recipe"), "base_model": manifest.get("base_model")}
+            "recipe": manifest.get("recipe"), "base_model": manifest.get("base_model"),
+            **({"merged_from": manifest["merged_from"]} if manifest.get("merged_from") else {})}
 
 
 def run(args: argparse.Namespace) -> Path:
@@ -91,6 +125,11 @@ def run(args: argparse.Namespace) -> Path:
     source = resolve_source(args.source, args.cache_dir)
     info = _source_info(source)
     check_available(args.precision)
+    if args.scorer == "vllm":
+        from steerserve.server.engines.vllm_args import detect_platform, precision_unavailable
+
+        if reason := precision_unavailable(args.precision, detect_platform()):
+            raise ValueError(f"--scorer vllm cannot score {args.precision.value} here: {reason}")
     quantizer = load_quantizer(args.precision)
     run_dir = RunDir(args.output, {"recipe": "quantize", "source": str(source), "precision": args.precision.value},
                      force=args.force)

@@ -48,6 +48,26 @@ def main(spec: dict[str, Any]) -> None:
     oneshot(model=model, dataset=dataset, recipe=recipe(spec["scheme"], spec.get("group_size")), max_seq_length=spec["max_tokens"],
             num_calibration_samples=len(rows))
     model.to(torch.bfloat16).save_pretrained(spec["output"], save_compressed=True)
+    if spec.get("eval_set"):
+        score_saved(spec, dtype)
+
+
+def score_saved(spec: dict[str, Any], dtype: Any) -> None:
+    """Log-probs of the eval set from the checkpoint just written, reloaded as a reader of it would load it.
+
+    Used where vLLM cannot run the precision on this machine; this environment's transformers
+    reads compressed-tensors and decompresses the packed weights, so the numbers are those of the
+    stored (quantized) weights.
+    """
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM
+
+    module_spec = importlib.util.spec_from_file_location("steerserve_scoring", spec["scoring_module"])
+    scoring = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(scoring)
+    reloaded = AutoModelForCausalLM.from_pretrained(spec["output"], dtype=dtype).eval()
+    Path(spec["raw"]).write_text(json.dumps(scoring.score_eval_set(reloaded, spec["eval_set"])))
 
 
 if __name__ == "__main__":

@@ -123,15 +123,12 @@ def summarise(raw: dict[str, list[list[float]]], eval_set: dict[str, Any]) -> di
 
 
 def _score_transformers(model_dir: Path, precision: Precision, eval_set: dict[str, Any]) -> dict[str, Any]:
-    """float and bitsandbytes checkpoints, as the transformers engine loads them."""
-    from transformers import AutoModelForCausalLM
-
+    """float and bitsandbytes checkpoints, loaded and computed as the transformers engine does."""
+    from steerserve.server.engines.base import EngineConfig
+    from steerserve.server.engines.hf_engine import load_model
     from steerserve.training.quantize.scoring import score_eval_set
 
-    kwargs: dict[str, Any] = {"dtype": compute_dtype_here(precision)}  # as the transformers engine computes it
-    if not precision.is_float:
-        kwargs["device_map"] = "cpu"  # the saved quantization_config makes it load quantized
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs).eval()
+    model = load_model(str(model_dir), EngineConfig(model=str(model_dir), precision=precision))
     return score_eval_set(model, eval_set)
 
 
