@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--prompt-tokens", type=int,
                        help="prompt length for the long-prompt TTFT (default 500; quick 64)")
     group.add_argument("--no-references", action="store_true",
-                       help="skip the references (HF generate, llama.cpp, vLLM offline)")
+                       help="skip the references (HF generate, llama.cpp, vLLM offline and async)")
 
 
 def sizes(args: argparse.Namespace) -> tuple[int, int, int]:
@@ -135,6 +135,8 @@ def references(targets: list[BenchTarget], args: argparse.Namespace) -> dict[str
         if target.engine == "vllm" and target.spec is not None:
             results[offline_name(target.model)] = run_reference("vllm-offline", target.spec,
                                                                 server_args=args.server_arg, **common)
+            results[async_name(target.model)] = run_reference("vllm-async", target.spec,
+                                                              server_args=args.server_arg, **common)
     for target in targets:  # served GGUF variants: llama.cpp offline on the very same file
         if target.precision.startswith("gguf"):
             results[f"llama.cpp offline ({target.precision})"] = run_reference(
@@ -146,6 +148,35 @@ def offline_name(model: str) -> str:
     return f"vLLM offline ({model})"
 
 
+def async_name(model: str) -> str:
+    return f"vLLM async ({model})"
+
+
+RATES = ("single_tokens_per_s", "batched_tokens_per_s")
+
+
+def _shortfall(slower: dict[str, Any], faster: dict[str, Any]) -> dict[str, float]:
+    """1 - slower/faster per rate both have (the share of time ``slower`` adds)."""
+    if not slower or not faster or "skipped" in slower or "skipped" in faster:
+        return {}
+    return {key: 1 - slower[key] / faster[key] for key in RATES if slower.get(key) and faster.get(key)}
+
+
+def overhead_split(results: dict[str, dict[str, Any]], refs: dict[str, dict[str, Any]]) -> dict[str, dict]:
+    """The server overhead in two parts, per variant and rate: vLLM's async path (AsyncLLM with requests
+    arriving as tasks, against ``LLM.generate`` with the batch added at once) and our server (HTTP, steering,
+    rendering, streaming; served against AsyncLLM)."""
+    split = {}
+    for label, served in results.items():
+        model = label.rsplit(" (", 1)[0]
+        offline, async_ = refs.get(offline_name(model), {}), refs.get(async_name(model), {})
+        engine_part, server_part = _shortfall(async_, offline), _shortfall(served, async_)
+        if engine_part and server_part:
+            split[label] = {key: {"vllm_async_path": engine_part[key], "our_server": server_part[key]}
+                            for key in RATES if key in engine_part and key in server_part}
+    return split
+
+
 def server_overhead(results: dict[str, dict[str, Any]], refs: dict[str, dict[str, Any]]) -> dict[str, dict]:
     """Served vs offline vLLM on the same engine: the share of end-to-end time the server adds, per variant.
 
@@ -154,11 +185,8 @@ def server_overhead(results: dict[str, dict[str, Any]], refs: dict[str, dict[str
     """
     overhead = {}
     for label, served in results.items():
-        offline = refs.get(offline_name(label.rsplit(" (", 1)[0]), {})
-        if "skipped" in offline or not offline or "skipped" in served:
-            continue
-        overhead[label] = {key: 1 - served[key] / offline[key] for key in ("single_tokens_per_s", "batched_tokens_per_s")
-                           if served.get(key) and offline.get(key)}
+        if shares := _shortfall(served, refs.get(offline_name(label.rsplit(" (", 1)[0]), {})):
+            overhead[label] = shares
     return overhead
 
 
@@ -207,11 +235,20 @@ def finish(results: dict[str, dict[str, Any]], refs: dict[str, dict[str, Any]],
                             "peak RSS MiB", "single vs HF generate"], rows)
     max_tokens, concurrency, _ = sizes(args)
     overhead = server_overhead(results, refs)
+    split = overhead_split(results, refs)
+
+    def streams(key: str) -> str:
+        return "single stream" if key.startswith("single") else f"{concurrency} streams"
+
     overhead_lines = "".join(
         f"- server overhead vs vLLM offline, {label}: "
-        + ", ".join(f"{'single stream' if key.startswith('single') else f'{concurrency} streams'} {share:+.1%}"
-                    for key, share in shares.items()) + "\n"
+        + ", ".join(f"{streams(key)} {share:+.1%}" for key, share in shares.items()) + "\n"
         for label, shares in overhead.items())
+    overhead_lines += "".join(
+        f"- of which, {label}: " + "; ".join(
+            f"{streams(key)}: vLLM's async path {parts['vllm_async_path']:+.1%}, our server {parts['our_server']:+.1%}"
+            for key, parts in by_rate.items()) + "\n"
+        for label, by_rate in split.items())
     note = (f"{max_tokens} tokens per request (greedy, EOS ignored); long-prompt TTFT: a cold prompt of about "
             f"{prompt_tokens(args)} tokens (measured count in brackets), one at a time; peak RSS of the server's "
             f"process tree (references: of their own process).\n\n")
@@ -223,5 +260,5 @@ def finish(results: dict[str, dict[str, Any]], refs: dict[str, dict[str, Any]],
         ax.barh(names, [measured[k][key] for k in names], color="tab:blue")
         ax.set_title(title)
         ax.invert_yaxis()
-    return ({"variants": results, "references": refs, "server_overhead": overhead},
+    return ({"variants": results, "references": refs, "server_overhead": overhead, "server_overhead_split": split},
             note + table + ("\n\n" + overhead_lines if overhead_lines else ""), fig)

@@ -8,7 +8,8 @@ the served checkpoint. ``llama.cpp``: llama-cpp-python on the default model's GG
 checkpoint was dequantized from), single stream only; skipped with a note when llama-cpp-python is not
 installed. ``vllm-offline``: vLLM's ``LLM.generate`` built from a ``steerserve serve --model`` spec and flags,
 with the engine arguments and the rendered prompt the server would use: the server's own overhead is the
-served figure's distance from it.
+served figure's distance from it. ``vllm-async``: the same engine through ``AsyncLLM``, requests streamed and
+started together as the server's are, which splits that distance into vLLM's async path and our server.
 """
 
 from __future__ import annotations
@@ -106,17 +107,11 @@ def _tree_rss_bytes() -> int:
     return sum(p.memory_info().rss for p in [me, *me.children(recursive=True)])
 
 
-def vllm_offline(spec: str, server_args: list[str], prompt: str, max_tokens: int, concurrency: int,
-                 repeats: int) -> dict[str, Any]:
-    """Single-stream and batched tokens/s of ``LLM.generate`` on the engine ``steerserve serve --model spec``
-    would build (same engine arguments, same rendered prompt token ids, greedy, EOS ignored)."""
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
-
+def _vllm_setup(spec: str, server_args: list[str], prompt: str) -> tuple[dict[str, Any], list[int]]:
+    """The engine arguments and rendered prompt token ids ``steerserve serve --model spec`` would use."""
     from steerserve.cli import serve_settings
     from steerserve.server.app import build_registry
     from steerserve.server.engines.vllm_args import configure_cpu_threads
-    from steerserve.server.engines.weights import checkpoint_weight_bytes
     from steerserve.server.variants import prepare_variant
 
     variant = next(iter(build_registry(serve_settings(["--model", spec, *server_args])).variants.values()))
@@ -124,9 +119,27 @@ def vllm_offline(spec: str, server_args: list[str], prompt: str, max_tokens: int
         raise ValueError(f"{spec}: served by {variant.engine_name}, not vLLM")
     prepare_variant(variant)
     configure_cpu_threads()
-    kwargs = variant.engine.engine_kwargs()
+    return variant.engine.engine_kwargs(), variant.tokenize(variant.render([{"role": "user", "content": prompt}], None))
+
+
+def _vllm_result(timed: dict[str, Any], ids: list[int], spec: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    from steerserve.server.engines.weights import checkpoint_weight_bytes
+
+    return {**timed, "prompt_tokens": len(ids), "peak_rss_bytes": _tree_rss_bytes(), "source": spec,
+            "weight_bytes": checkpoint_weight_bytes(Path(kwargs["model"]), kwargs["dtype"],
+                                                    fp8=kwargs.get("quantization") == "fp8")}
+
+
+def vllm_offline(spec: str, server_args: list[str], prompt: str, max_tokens: int, concurrency: int,
+                 repeats: int) -> dict[str, Any]:
+    """Single-stream and batched tokens/s of ``LLM.generate`` on the engine ``steerserve serve --model spec``
+    would build (same engine arguments, same rendered prompt token ids, greedy, EOS ignored). All of a batch's
+    requests enter the engine before its first step."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    kwargs, ids = _vllm_setup(spec, server_args, prompt)
     llm = LLM(**kwargs)
-    ids = variant.tokenize(variant.render([{"role": "user", "content": prompt}], None))
 
     def run(batch: int, tokens: int) -> float:
         params = SamplingParams(temperature=0.0, max_tokens=tokens, min_tokens=tokens, ignore_eos=True)
@@ -134,10 +147,46 @@ def vllm_offline(spec: str, server_args: list[str], prompt: str, max_tokens: int
         llm.generate([TokensPrompt(prompt_token_ids=ids)] * batch, params, use_tqdm=False)
         return time.perf_counter() - start
 
-    return {**_timed(run, max_tokens, concurrency, repeats), "prompt_tokens": len(ids),
-            "peak_rss_bytes": _tree_rss_bytes(), "source": spec,
-            "weight_bytes": checkpoint_weight_bytes(Path(kwargs["model"]), kwargs["dtype"],
-                                                    fp8=kwargs.get("quantization") == "fp8")}
+    return _vllm_result(_timed(run, max_tokens, concurrency, repeats), ids, spec, kwargs)
+
+
+def vllm_async(spec: str, server_args: list[str], prompt: str, max_tokens: int, concurrency: int,
+               repeats: int) -> dict[str, Any]:
+    """As :func:`vllm_offline`, through vLLM's ``AsyncLLM`` the way the server drives it: each request its own
+    streamed ``generate`` (one delta per token), a batch's requests started together as asyncio tasks, so they
+    reach the engine over its first steps as HTTP requests do. Served vs this isolates our server's cost;
+    this vs ``LLM.generate`` isolates what arriving one by one costs inside vLLM."""
+    import asyncio
+    import uuid
+
+    from vllm import SamplingParams
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.inputs import TokensPrompt
+    from vllm.sampling_params import RequestOutputKind
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    kwargs, ids = _vllm_setup(spec, server_args, prompt)
+    loop = asyncio.new_event_loop()
+    engine = loop.run_until_complete(asyncio.to_thread(AsyncLLM.from_engine_args, AsyncEngineArgs(**kwargs)))
+
+    async def one(tokens: int) -> None:
+        params = SamplingParams(temperature=0.0, max_tokens=tokens, min_tokens=tokens, ignore_eos=True,
+                                output_kind=RequestOutputKind.DELTA)
+        async for _ in engine.generate(TokensPrompt(prompt_token_ids=list(ids)), params, uuid.uuid4().hex):
+            pass
+
+    async def batch_of(batch: int, tokens: int) -> None:
+        await asyncio.gather(*(one(tokens) for _ in range(batch)))
+
+    def run(batch: int, tokens: int) -> float:
+        start = time.perf_counter()
+        loop.run_until_complete(batch_of(batch, tokens))
+        return time.perf_counter() - start
+
+    try:
+        return _vllm_result(_timed(run, max_tokens, concurrency, repeats), ids, spec, kwargs)
+    finally:
+        engine.shutdown()
 
 
 def available(kind: str) -> str | None:
@@ -167,7 +216,7 @@ def run_reference(kind: str, source: str, *, prompt: str, max_tokens: int, concu
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kind", choices=["hf-generate", "llama.cpp", "vllm-offline"])
+    parser.add_argument("kind", choices=["hf-generate", "llama.cpp", "vllm-offline", "vllm-async"])
     parser.add_argument("source", help="checkpoint folder (hf-generate), GGUF file (llama.cpp) or a "
                                        "'steerserve serve --model' spec (vllm-offline)")
     parser.add_argument("--server-arg", action="append", default=[], help="vllm-offline: a 'steerserve serve' flag")
@@ -178,9 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.kind == "hf-generate":
         result = hf_generate(args.source, args.prompt, args.max_tokens, args.concurrency, args.repeats)
-    elif args.kind == "vllm-offline":
-        result = vllm_offline(args.source, args.server_arg, args.prompt, args.max_tokens, args.concurrency,
-                              args.repeats)
+    elif args.kind in ("vllm-offline", "vllm-async"):
+        run = vllm_offline if args.kind == "vllm-offline" else vllm_async
+        result = run(args.source, args.server_arg, args.prompt, args.max_tokens, args.concurrency, args.repeats)
     else:
         result = llama_cpp(args.source, args.prompt, args.max_tokens, args.repeats)
     print(_RESULT_MARK + json.dumps(result), flush=True)

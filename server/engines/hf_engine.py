@@ -45,10 +45,10 @@ class _Request(PendingRequest):
     seqs: list[Sequence] = dataclasses.field(default_factory=list)
 
 
-def load_kwargs(config: EngineConfig) -> dict[str, Any]:
-    """``from_pretrained`` arguments for the configured precision."""
+def load_kwargs(config: EngineConfig, compute_dtype: str | None = None) -> dict[str, Any]:
+    """``from_pretrained`` arguments for the configured precision (``compute_dtype`` overrides this machine's)."""
     precision = config.precision
-    compute_dtype = compute_dtype_here(precision)
+    compute_dtype = compute_dtype or compute_dtype_here(precision)
     kwargs: dict[str, Any] = {"dtype": compute_dtype}
     if "attn_implementation" in config.extra:
         kwargs["attn_implementation"] = config.extra["attn_implementation"]
@@ -72,7 +72,7 @@ def load_kwargs(config: EngineConfig) -> dict[str, Any]:
     return kwargs | {"quantization_config": quantization, "device_map": config.extra.get("device_map", "cpu")}
 
 
-def load_model(path: str, config: EngineConfig) -> Any:
+def load_model(path: str, config: EngineConfig, compute_dtype: str | None = None) -> Any:
     """The model as this engine runs it, in eval mode.
 
     A saved nf4 checkpoint brings its own ``bnb_4bit_compute_dtype`` (the quantizing machine's), and
@@ -81,7 +81,7 @@ def load_model(path: str, config: EngineConfig) -> Any:
     """
     from transformers import AutoModelForCausalLM
 
-    kwargs = load_kwargs(config)
+    kwargs = load_kwargs(config, compute_dtype)
     if _saved_quantization_config(path):  # pre-quantized: the saved config wins anyway; don't pass a second one
         kwargs.pop("quantization_config", None)
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()

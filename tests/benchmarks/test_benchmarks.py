@@ -70,7 +70,15 @@ def test_latency_memory_measures_the_server_against_the_same_vllm_engine_offline
     assert overhead["single_tokens_per_s"] == pytest.approx(
         1 - served["single_tokens_per_s"] / offline["single_tokens_per_s"])
     assert set(overhead) == {"single_tokens_per_s", "batched_tokens_per_s"}
-    assert "server overhead vs vLLM offline, tiny:bf16 (vllm): single stream" in (out / "latency_memory.md").read_text()
+    through_async = latency["references"]["vLLM async (tiny:bf16)"]  # same engine, requests as the server sends them
+    assert through_async["prompt_tokens"] == served["prompt_tokens"] and through_async["concurrency"] == 4
+    split = latency["server_overhead_split"]["tiny:bf16 (vllm)"]["batched_tokens_per_s"]
+    assert split["vllm_async_path"] == pytest.approx(
+        1 - through_async["batched_tokens_per_s"] / offline["batched_tokens_per_s"])
+    assert split["our_server"] == pytest.approx(1 - served["batched_tokens_per_s"] / through_async["batched_tokens_per_s"])
+    markdown = (out / "latency_memory.md").read_text()
+    assert "server overhead vs vLLM offline, tiny:bf16 (vllm): single stream" in markdown
+    assert "of which, tiny:bf16 (vllm): single stream: vLLM's async path" in markdown
 
 
 def test_steerability_on_a_given_server(bench_server, tmp_path: Path, data_files, tiny_model_dir: Path) -> None:
