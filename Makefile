@@ -47,7 +47,8 @@ package-steered-default:
 # The steered default (AC-SFT) in every precision this CPU makes, then steerability and held-out MCQ per
 # precision side by side: quantization must not erase steering. Finished quantizations are skipped.
 # The shipped adapter is merged into the default model first, so no training is needed
-# (STEERED_SOURCE=$(RUNS)/acsft quantizes a fresh training run instead).
+# (STEERED_SOURCE=$(RUNS)/acsft quantizes a fresh training run instead). On a CPU without AVX-512, vLLM cannot
+# serve gptq-w4 or w4a16: PRECISIONS="bf16 int8 nf4 w8a8 gguf-q8_0 gguf-q4_k_m" (about 25 min of quantizing there).
 PRECISIONS ?= bf16 int8 nf4 gptq-w4 w8a8 w4a16 gguf-q8_0 gguf-q4_k_m
 BENCH_PROMPTS ?= 80
 STEERED_SOURCE ?= $(SHIPPED)/acsft
