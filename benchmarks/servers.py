@@ -139,12 +139,19 @@ def parse_metrics(text: str) -> dict[str, list[tuple[str, float]]]:
 
 
 class MemorySampler:
-    """Background polling of ``/metrics`` during a measurement: peak process-tree RSS, the variant's weight bytes."""
+    """Background polling of ``/metrics`` during a measurement: peak process-tree RSS, the variant's weight bytes.
 
-    def __init__(self, url: str, model: str, interval: float = 0.25) -> None:
+    The sampler shares the 2 cores with the engine it measures, so it must cost next to nothing: one kept-open
+    connection (a fresh ``httpx.get`` builds a client and an SSL context, ~50 ms of CPU each time) and a scrape
+    a second (RSS is flat once the engine has allocated its KV cache). Polled at 4 Hz with fresh clients it
+    took a fifth of a core and showed up as "server overhead" (benchmarks/NOTES.md).
+    """
+
+    def __init__(self, url: str, model: str, interval: float = 1.0) -> None:
         self.url, self.model, self.interval = url, model, interval
         self.peak_rss_bytes = 0
         self.weight_bytes: int | None = None
+        self._http = httpx.Client(base_url=url, timeout=10)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -157,6 +164,7 @@ class MemorySampler:
         self._stop.set()
         self._thread.join(timeout=10)
         self.sample()
+        self._http.close()
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
@@ -164,7 +172,7 @@ class MemorySampler:
 
     def sample(self) -> None:
         try:
-            samples = parse_metrics(httpx.get(self.url + "/metrics", timeout=10).text)
+            samples = parse_metrics(self._http.get("/metrics").text)
         except httpx.HTTPError as exc:
             logger.debug("metrics scrape failed: %s", exc)
             return

@@ -105,6 +105,16 @@ def test_16bit_checkpoints_compute_in_float32_on_a_cpu_without_native_bf16() -> 
     assert engine_kwargs(config(Precision.W8A8), emulated)["dtype"] == "bfloat16"  # the int8 kernels' activations
 
 
+def test_bitsandbytes_precisions_compute_in_float32_where_bf16_is_emulated() -> None:
+    from steerserve.precision import compute_dtype_name
+
+    for precision in (Precision.INT8, Precision.NF4):
+        assert compute_dtype_name(precision, on_cpu=True, native_bf16=False) == "float32"
+        assert compute_dtype_name(precision, on_cpu=True, native_bf16=True) == "bfloat16"
+        assert compute_dtype_name(precision, on_cpu=False, native_bf16=False) == "bfloat16"
+    assert compute_dtype_name(Precision.GPTQ_W4, on_cpu=True, native_bf16=False) == "bfloat16"
+
+
 def test_extra_engine_args_override_everything() -> None:
     kwargs = engine_kwargs(config(extra={"seed": 9, "gpu_memory_utilization": 0.5}), GPU)
     assert kwargs["seed"] == 9 and kwargs["gpu_memory_utilization"] == 0.5
