@@ -49,13 +49,15 @@ def _timed(run: Callable[[int, int], float], max_tokens: int, concurrency: int, 
 def hf_generate(path: str, prompt: str, max_tokens: int, concurrency: int, repeats: int) -> dict[str, Any]:
     """Single-stream and batched tokens/s of ``generate``; TTFT = one-token generate (prefill)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from steerserve.precision import Precision, compute_dtype_here
+    from steerserve.precision import Precision
+    from steerserve.server.engines.base import EngineConfig
+    from steerserve.server.engines.hf_engine import load_model
 
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
-    dtype = getattr(torch, compute_dtype_here(Precision.BF16))  # bf16, or float32 on a CPU that emulates bf16
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    # As the transformers engine loads a 16-bit checkpoint: bf16, or float32 on a CPU that emulates bf16.
+    model = load_model(path, EngineConfig(model=path, precision=Precision.BF16))
     messages = [{"role": "user", "content": prompt}]
     text = (tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             if tokenizer.chat_template else prompt)
