@@ -22,10 +22,10 @@ def measure(path: Path, dtype: str, prompt_tokens: int, new_tokens: int) -> dict
     """Seconds for one prefill of ``prompt_tokens`` and greedy decode tok/s over ``new_tokens``."""
     import torch
 
+    from steerserve.precision import Precision
     from steerserve.server.engines.base import EngineConfig
     from steerserve.server.engines.hf_engine import load_model
     from steerserve.server.variants import read_manifest
-    from steerserve.precision import Precision
 
     precision = Precision(read_manifest(path).get("precision", "bf16"))
     model = load_model(str(path), EngineConfig(model=str(path), precision=precision), compute_dtype=dtype)
@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     args.output.mkdir(parents=True, exist_ok=True)
     from steerserve.benchmarks.report import environment
 
-    (args.output / "compute_dtype.json").write_text(json.dumps({"args": vars(args), "environment": environment(), "rows": rows}, indent=2,
-                                                               default=str) + "\n")
+    payload = {"args": vars(args), "environment": environment(), "rows": rows}
+    (args.output / "compute_dtype.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
     lines = [f"| checkpoint | compute dtype | prefill of {args.prompt_tokens} tokens (s) | decode tok/s |",
              "|---|---|---|---|"]
     lines += [f"| {Path(r['checkpoint']).name} ({r['precision']}) | {r['compute_dtype']} | {r['prefill_s']} | "
