@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("latency_memory")
     group.add_argument("--max-tokens", type=int, help="tokens per request (default 128; quick 16)")
     group.add_argument("--concurrency", type=int, help="concurrent streams for the batched figure (default 8; quick 4)")
-    group.add_argument("--repeats", type=int, help="single-stream repetitions (default 3; quick 1)")
+    group.add_argument("--repeats", type=int, help="repetitions of the single stream, the batch and the long prompt (default 3; quick 1)")
     group.add_argument("--prompt-tokens", type=int,
                        help="prompt length for the long-prompt TTFT (default 500; quick 64)")
     group.add_argument("--no-references", action="store_true",
@@ -67,10 +68,21 @@ def prompt_tokens(args: argparse.Namespace) -> int:
     return args.prompt_tokens or (64 if args.quick else 500)
 
 
+_API_CPU = re.compile(r"^process_cpu_seconds_total ([0-9.eE+-]+)$", re.MULTILINE)
+
+
+def _cores(before: dict[str, float], wall: float, api_after: float) -> dict[str, float]:
+    """Cores the benchmark's own client and the server's API process kept busy over ``wall`` seconds: on a
+    machine where the engine's threads want every core, this much of the machine was not the engine's. (vLLM's
+    engine runs in its own process; the transformers and llama.cpp engines inside the API process.)"""
+    return {"client": (time.process_time() - before["client"]) / wall,
+            "api_process": (api_after - before["api_process"]) / wall}
+
+
 async def _streams(target: BenchTarget, max_tokens: int, concurrency: int, repeats: int,
                    prompt_tokens: int) -> dict[str, Any]:
-    """Warm-up, ``repeats`` single streams one after another, ``concurrency`` streams at once, then
-    ``repeats`` cold long prompts one at a time (time to first token)."""
+    """Warm-up, ``repeats`` single streams one after another, ``repeats`` times ``concurrency`` streams at
+    once, then ``repeats`` cold long prompts one at a time (time to first token)."""
     where = Target(model=target.model, url=target.url)
 
     async def one(http: httpx.AsyncClient, tokens: int, prompt: str = PROMPT) -> RequestRecord:
@@ -80,12 +92,24 @@ async def _streams(target: BenchTarget, max_tokens: int, concurrency: int, repea
             raise RuntimeError(f"{target.label}: {record.error}")
         return record
 
+    async def api_cpu_seconds(http: httpx.AsyncClient) -> float:
+        """CPU seconds the server's API process has used (its engine processes not included)."""
+        match = _API_CPU.search((await http.get(f"{target.url}/metrics")).text)
+        return float(match.group(1)) if match else float("nan")
+
     async with httpx.AsyncClient(timeout=600) as http:
         await one(http, 4)
-        singles = [await one(http, max_tokens) for _ in range(repeats)]
+        cpu = {"client": time.process_time(), "api_process": await api_cpu_seconds(http)}
         start = time.perf_counter()
-        batch = await asyncio.gather(*(one(http, max_tokens) for _ in range(concurrency)))
-        wall = time.perf_counter() - start
+        singles = [await one(http, max_tokens) for _ in range(repeats)]
+        single_cpu = _cores(cpu, time.perf_counter() - start, await api_cpu_seconds(http))
+        batch, wall = [], 0.0
+        cpu = {"client": time.process_time(), "api_process": await api_cpu_seconds(http)}
+        for _ in range(repeats):  # one batch moves ±7-11% between runs; the mean of several moves less
+            start = time.perf_counter()
+            batch += await asyncio.gather(*(one(http, max_tokens) for _ in range(concurrency)))
+            wall += time.perf_counter() - start
+        batched_cpu = _cores(cpu, wall, await api_cpu_seconds(http))
         longs = [await one(http, 2, long_prompt(prompt_tokens, i + 1)) for i in range(repeats)]
     return {
         "single_tokens_per_s": sum(r.output_tokens for r in singles) / sum(r.e2e or 0 for r in singles),
@@ -96,6 +120,8 @@ async def _streams(target: BenchTarget, max_tokens: int, concurrency: int, repea
         "batched_tokens_per_s": sum(r.output_tokens for r in batch) / wall,
         "batched_ttft_p50_s": sorted(r.ttft or 0 for r in batch)[len(batch) // 2],
         "concurrency": concurrency,
+        "single_cpu_cores": single_cpu,
+        "batched_cpu_cores": batched_cpu,
         "long_prompt_ttft_s": sum(r.ttft or 0 for r in longs) / len(longs),
         "long_prompt_tokens": sum(r.prompt_tokens for r in longs) / len(longs),
     }
@@ -249,6 +275,11 @@ def finish(results: dict[str, dict[str, Any]], refs: dict[str, dict[str, Any]],
             f"{streams(key)}: vLLM's async path {parts['vllm_async_path']:+.1%}, our server {parts['our_server']:+.1%}"
             for key, parts in by_rate.items()) + "\n"
         for label, by_rate in split.items())
+    overhead_lines += "".join(
+        f"- cores taken beside the engine, {label}: " + "; ".join(
+            f"{streams(key)}: benchmark client {cores['client']:.2f}, server API process {cores['api_process']:.2f}"
+            for key in ("single_cpu_cores", "batched_cpu_cores") if (cores := r.get(key))) + "\n"
+        for label, r in results.items() if r.get("batched_cpu_cores") and r.get("engine") == "vllm")
     note = (f"{max_tokens} tokens per request (greedy, EOS ignored); long-prompt TTFT: a cold prompt of about "
             f"{prompt_tokens(args)} tokens (measured count in brackets), one at a time; peak RSS of the server's "
             f"process tree (references: of their own process).\n\n")

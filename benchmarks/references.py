@@ -37,13 +37,15 @@ def _peak_rss_bytes() -> int:
 
 def _timed(run: Callable[[int, int], float], max_tokens: int, concurrency: int, repeats: int) -> dict[str, Any]:
     """The batch-generate references' figures from ``run(batch, tokens) -> seconds``: warm-up, ``repeats`` single
-    streams, TTFT as a one-token generate (prefill), then ``concurrency`` sequences in one batch."""
+    streams, TTFT as a one-token generate (prefill), then ``repeats`` batches of ``concurrency`` sequences."""
     run(1, 4)  # warm-up
     singles = [run(1, max_tokens) for _ in range(repeats)]
     ttft = sum(run(1, 1) for _ in range(repeats)) / repeats
     return {"single_tokens_per_s": max_tokens * repeats / sum(singles),
             "single_decode_tokens_per_s": (max_tokens - 1) / (sum(singles) / repeats - ttft), "ttft_s": ttft,
-            "batched_tokens_per_s": concurrency * max_tokens / run(concurrency, max_tokens), "concurrency": concurrency}
+            "batched_tokens_per_s": concurrency * max_tokens * repeats / sum(run(concurrency, max_tokens)
+                                                                             for _ in range(repeats)),
+            "concurrency": concurrency}
 
 
 def hf_generate(path: str, prompt: str, max_tokens: int, concurrency: int, repeats: int) -> dict[str, Any]:

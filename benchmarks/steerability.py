@@ -45,9 +45,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--answer-tokens", type=int, help="max tokens per answer (default 384; quick 24)")
     group.add_argument("--parallel", type=int, default=8, help="requests in flight at once")
     group.add_argument("--apm", help="APM directory: also report mean predicted attributes at default sliders")
+    group.add_argument("--repetition-penalty", type=float, default=1.0,
+                       help="sent with every answer (default 1: plain greedy). A 135M model loops under greedy "
+                            "decoding until the token cap, whatever the slider says; 1.1-1.3 breaks the loops")
 
 
-async def _answers(target: BenchTarget, prompts: list[str], max_tokens: int, parallel: int) -> list[dict[str, Any]]:
+async def _answers(target: BenchTarget, prompts: list[str], max_tokens: int, parallel: int,
+                   repetition_penalty: float = 1.0) -> list[dict[str, Any]]:
     """Every (slider, level, prompt) answered; greedy so reruns agree.
 
     Both sweeps hold the other slider at its default, so each sweep's default level asks the very same
@@ -66,8 +70,9 @@ async def _answers(target: BenchTarget, prompts: list[str], max_tokens: int, par
 
     async def one(client: AsyncSteerClient, name: str, level: int, i: int) -> dict[str, Any]:
         async with limit:
+            penalty = {"repetition_penalty": repetition_penalty} if repetition_penalty != 1.0 else {}
             reply = await client.chat(target.model, prompts[i], attributes={name: level}, max_tokens=max_tokens,
-                                      temperature=0.0)
+                                      temperature=0.0, **penalty)
         bar.update(1)
         text = reply.choices[0].message.content
         return {"text": text, "chars": chars(text), "fkgl": fk_grade(text),
@@ -128,7 +133,7 @@ def measure(target: BenchTarget, args: argparse.Namespace) -> dict[str, Any]:
 
     count, max_tokens = sizes(args)
     prompts = load_prompts(args.prompts, count)
-    answers = asyncio.run(_answers(target, prompts, max_tokens, args.parallel))
+    answers = asyncio.run(_answers(target, prompts, max_tokens, args.parallel, args.repetition_penalty))
     result = {"summary": summarize(answers), "answers": answers, "prompts": prompts, "max_tokens": max_tokens}
     if args.apm:
         result["default_slider_apm"] = default_slider_quality(args.apm, prompts, answers)
@@ -167,7 +172,8 @@ def finish(results: dict[str, dict[str, Any]], refs: dict[str, Any],
     """Two tables (chars by verbosity, FKGL by complexity) and the matching two-panel plot."""
     count, max_tokens = sizes(args)
     head = [f"L{lvl}" for lvl in LEVELS]
-    text = (f"{count} prompts x 5 levels per slider (the other sliders at their defaults), greedy, max "
+    penalty = f" with repetition penalty {args.repetition_penalty:g}" if args.repetition_penalty != 1.0 else ""
+    text = (f"{count} prompts x 5 levels per slider (the other sliders at their defaults), greedy{penalty}, max "
             f"{max_tokens} tokens per answer (truncated = share of answers cut by that cap). Targets: monotone, "
             f"chars x3 from verbosity 0 to 4, +2 grades from complexity 0 to 4. Paper: {PAPER_SOURCE}.\n\n"
             "Mean characters by **verbosity** level\n\n"

@@ -90,6 +90,9 @@ class Generator:
         seed: int | None = None,
         stop: Sequence[str] = (),
         ignore_eos: bool = False,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        repetition_penalty: float = 1.0,
     ) -> Prepared:
         self.admit(variant)
         ids = variant.tokenize(prompt)
@@ -102,6 +105,9 @@ class Generator:
             stop=tuple(dict.fromkeys([*variant.stops(), *stop])),
             n=n,
             ignore_eos=ignore_eos,
+            presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty,
+            repetition_penalty=repetition_penalty,
         )
         return Prepared(variant, prompt, ids, options, random_id("req"))
 

@@ -64,7 +64,14 @@ class _SamplingFields(_Request):
     stop: str | list[str] | None = None
     seed: int | None = None
     user: str | None = None
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    """Subtracted once from the logit of every token already generated (OpenAI's definition)."""
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    """Subtracted from a token's logit per time it was generated (OpenAI's definition)."""
     # --- steerserve extensions -------------------------------------------------
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
+    """vLLM's and transformers' multiplicative penalty on tokens of the prompt or the output: positive logits
+    are divided by it, negative ones multiplied; 1 is off. Small models loop under greedy decoding without it."""
     attributes: Attributes = None
     """Steering sliders, 0-4 each; missing ones take the SteerLM defaults."""
     ignore_eos: bool = False

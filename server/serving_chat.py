@@ -76,6 +76,9 @@ class CompletionService:
             seed=request.seed,
             stop=request.stop or [],
             ignore_eos=request.ignore_eos,
+            presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty,
+            repetition_penalty=request.repetition_penalty,
         )
 
     def render(self, request: RenderRequest) -> RenderResponse:

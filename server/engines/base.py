@@ -72,10 +72,18 @@ class SamplingOptions:
     stop: tuple[str, ...] = ()
     n: int = 1
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW
+
+    @property
+    def penalized(self) -> bool:
+        """Whether any penalty changes the logits (vLLM's semantics; every engine applies them before sampling)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,6 +27,7 @@ from transformers.cache_utils import DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from steerserve.server.engines.base import SamplingOptions
+from steerserve.server.engines.sampling import sample_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -202,27 +203,6 @@ class Sequence:
         text, count = self.pending_text, self.pending_tokens
         self.pending_text, self.pending_tokens = "", 0
         return text, count, self.finish_reason
-
-
-def sample_tokens(logits: torch.Tensor, seqs: Seq[Sequence]) -> list[int]:
-    """One token per row of float32 ``logits``: greedy at temperature 0, else top-p with the row's generator."""
-    greedy = logits.argmax(-1).tolist()
-    tokens = []
-    for row, seq in enumerate(seqs):
-        opts = seq.options
-        if opts.greedy:
-            tokens.append(greedy[row])
-            continue
-        probs = torch.softmax(logits[row] / opts.temperature, dim=-1)
-        if opts.top_p < 1.0:
-            sorted_p, order = probs.sort(descending=True, stable=True)
-            keep = (sorted_p.cumsum(-1) - sorted_p) < opts.top_p
-            keep[0] = True  # the top token always survives, even a top_p that rounds to 0 in float32
-            choice = torch.multinomial(sorted_p * keep, 1, generator=seq.generator)
-            tokens.append(int(order[choice]))
-        else:
-            tokens.append(int(torch.multinomial(probs, 1, generator=seq.generator)))
-    return tokens
 
 
 class DecodeBatch:

@@ -6,8 +6,8 @@ llama-cpp-python's ``Llama`` is not thread-safe and holds one sequence's KV cach
 this engine does NOT batch: every call into llama.cpp runs in one worker thread, and
 requests (and the ``n`` choices of one request) are served one after another in
 arrival order; the rest wait (``waiting``). Sampling and stop strings reuse the
-transformers engine's ``Sequence`` / ``sample_tokens`` / ``TextTracker`` on logits read
-from llama.cpp, so seeds, temperature and top_p mean the same on both engines.
+transformers engine's ``Sequence`` / ``TextTracker`` and the shared ``sample_tokens`` on logits read
+from llama.cpp, so seeds, temperature, top_p and penalties mean the same on both engines.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ import torch
 from steerserve.server.engines.base import (
     EngineConfig, EngineError, EngineNotReady, EngineRequest, GenerationDelta, InvalidRequest,
 )
-from steerserve.server.engines.hf_scheduler import Sequence, sample_tokens
+from steerserve.server.engines.hf_scheduler import Sequence
+from steerserve.server.engines.sampling import sample_tokens
 from steerserve.server.engines.threaded import PendingRequest, ThreadedEngine, generation_failed
 
 logger = logging.getLogger(__name__)
@@ -62,7 +63,13 @@ class LlamaCppEngine(ThreadedEngine[_Job]):
         started = time.monotonic()
         path = find_gguf(self.config.model)
         self._tokenizer = AutoTokenizer.from_pretrained(self.config.model)
-        self._llama = load_llama(path.parent, n_ctx=self.config.max_model_len, seed=self.config.seed)
+        # engine_args of the variant reach llama.cpp, less the queue bound the shared base reads.
+        arguments = {k: v for k, v in self.config.extra.items() if k != "max_waiting"}
+        try:
+            self._llama = load_llama(path.parent, n_ctx=self.config.max_model_len, seed=self.config.seed,
+                                     **arguments)
+        except ValueError as exc:
+            raise EngineError(f"engine_args of {self.config.model}: {exc}") from exc
         if self._llama.n_vocab() < len(self._tokenizer):
             raise EngineError(f"{path} has {self._llama.n_vocab()} tokens but the tokenizer {len(self._tokenizer)}")
         eos = {self._tokenizer.eos_token_id, self._llama.token_eos()}
@@ -119,13 +126,13 @@ class LlamaCppEngine(ThreadedEngine[_Job]):
             job.put_threadsafe(GenerationDelta(seq.index, "", 0, "abort", queued_s=queued))
             return
         eval_prompt(self._llama, seq.prompt_ids)
-        greedy = seq.options.greedy
+        greedy, penalized = seq.options.greedy, seq.options.penalized
         while True:
             # Raw float32 logits: softmax(logits / T) is the distribution the log-probs gave, and greedy
             # needs only the argmax, so nothing is normalised per token (a full-vocabulary float64
             # log-softmax per token cost more than the sampling itself; benchmarks/NOTES.md).
             logits = last_logits(self._llama)
-            if greedy:
+            if greedy and not penalized:
                 seq.append(int(logits.argmax()))
             else:
                 seq.append(sample_tokens(torch.from_numpy(logits.copy())[None], [seq])[0])

@@ -306,6 +306,9 @@ def _sampling_params(options: SamplingOptions, n: int) -> SamplingParams:
             seed=options.seed,
             stop=list(options.stop),
             ignore_eos=options.ignore_eos,
+            presence_penalty=options.presence_penalty,
+            frequency_penalty=options.frequency_penalty,
+            repetition_penalty=options.repetition_penalty,
             output_kind=RequestOutputKind.DELTA,
         )
     except VLLMValidationError as exc:

@@ -139,6 +139,20 @@ async def test_greedy_matches_generate(engine, reference, tokenizer) -> None:
     assert all(d.queued_s is None for d in deltas[1:])
 
 
+async def test_penalised_greedy_matches_generate(engine, reference, tokenizer) -> None:
+    """repetition_penalty as transformers' generate applies it; beside an unpenalised row in one batch."""
+    ids = tokenizer.encode(PROMPTS[1])
+    penalised, plain = await asyncio.gather(
+        collect(engine, request(ids, "pen", max_tokens=24, temperature=0, repetition_penalty=1.8)),
+        collect(engine, request(ids, "plain", max_tokens=24, temperature=0)))
+    out = reference.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=24, do_sample=False, repetition_penalty=1.8,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    expected = tokenizer.decode(out[0, len(ids):], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    assert summary(penalised)[0] == expected
+    assert summary(plain) == generate_reference(reference, tokenizer, ids, 24) != summary(penalised)
+
+
 async def test_batched_equals_alone(engine, reference, tokenizer) -> None:
     prompts = [tokenizer.encode(p) for p in PROMPTS]
     assert len({len(p) for p in prompts}) == 4

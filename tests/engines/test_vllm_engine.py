@@ -104,6 +104,15 @@ async def test_greedy_stream_ends_at_max_tokens(engine: VLLMEngine, prompt_ids: 
     assert all(d.queued_s is None for d in deltas[1:])
 
 
+async def test_penalties_reach_vllm(engine: VLLMEngine, prompt_ids: list[int]) -> None:
+    """The tiny model's greedy output repeats one token; a frequency penalty must break the repetition."""
+    plain = text_of(await collect(engine, request(prompt_ids, "plain", max_tokens=12, temperature=0.0,
+                                                  ignore_eos=True)))
+    penalised = text_of(await collect(engine, request(prompt_ids, "freq", max_tokens=12, temperature=0.0,
+                                                      ignore_eos=True, frequency_penalty=2.0)))
+    assert plain != penalised
+
+
 async def test_seed_makes_sampling_repeatable(engine: VLLMEngine, prompt_ids: list[int]) -> None:
     def sampled(rid: str, seed: int) -> EngineRequest:
         return request(prompt_ids, rid, max_tokens=16, temperature=1.0, seed=seed, ignore_eos=True)

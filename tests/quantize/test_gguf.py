@@ -95,3 +95,62 @@ def _check_stream_and_seed(client: openai.OpenAI, model: str) -> None:
                                               seed=7, n=2) for _ in range(2)]
     assert [c.message.content for c in sampled[0].choices] == [c.message.content for c in sampled[1].choices]
     assert len(sampled[0].choices) == 2
+
+
+def test_engine_args_reach_llama_cpp_and_unknown_ones_are_refused(gguf_variants: dict[str, Path]) -> None:
+    """A variant's ``engine_args`` set llama.cpp's thread counts; a misspelt one fails the load, naming it."""
+    import asyncio
+
+    from steerserve.precision import Precision
+    from steerserve.server.engines.base import EngineConfig, EngineError
+    from steerserve.server.engines.llamacpp_engine import LlamaCppEngine
+
+    path = str(gguf_variants["gguf-q8_0"])
+    engine = LlamaCppEngine(EngineConfig(model=path, precision=Precision.GGUF_Q8_0, max_model_len=128,
+                                         extra={"n_threads": 1, "n_threads_batch": 2, "max_waiting": 4}))
+    asyncio.run(engine.start())
+    try:
+        assert (engine._llama.n_threads, engine._llama.n_threads_batch) == (1, 2)
+    finally:
+        asyncio.run(engine.shutdown())
+    misspelt = LlamaCppEngine(EngineConfig(model=path, precision=Precision.GGUF_Q8_0, extra={"n_thread": 1}))
+    with pytest.raises(EngineError, match="n_thread"):
+        asyncio.run(misspelt.start())
+
+
+def test_llamacpp_penalised_greedy_matches_transformers_processor(gguf_variants: dict[str, Path]) -> None:
+    """The served penalised greedy reply = llama.cpp's own logits, transformers' repetition-penalty
+    processor, argmax, token by token."""
+    import asyncio
+
+    from transformers import AutoTokenizer, RepetitionPenaltyLogitsProcessor
+
+    from steerserve.precision import Precision
+    from steerserve.server.engines.base import EngineConfig, EngineRequest, SamplingOptions
+    from steerserve.server.engines.llamacpp_engine import LlamaCppEngine
+    from steerserve.training.quantize.gguf import eval_prompt, last_logits, load_llama
+
+    path = gguf_variants["gguf-q8_0"]
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    ids = tokenizer.encode(PROMPTS[1])
+    options = SamplingOptions(max_tokens=12, temperature=0.0, ignore_eos=True, repetition_penalty=1.8)
+
+    async def served() -> str:
+        engine = LlamaCppEngine(EngineConfig(model=str(path), precision=Precision.GGUF_Q8_0, max_model_len=128))
+        await engine.start()
+        try:
+            return "".join([d.text async for d in engine.generate(EngineRequest("r", ids, options))])
+        finally:
+            await engine.shutdown()
+
+    llama, processor, tokens = load_llama(path, n_ctx=128), RepetitionPenaltyLogitsProcessor(1.8), list(ids)
+    try:
+        eval_prompt(llama, tokens)
+        for _ in range(12):
+            scores = processor(torch.tensor([tokens]), torch.from_numpy(last_logits(llama).copy())[None])
+            tokens.append(int(scores.argmax()))
+            llama.eval([tokens[-1]])
+    finally:
+        llama.close()
+    expected = tokenizer.decode(tokens[len(ids):], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    assert asyncio.run(served()) == expected

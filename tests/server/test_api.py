@@ -136,6 +136,17 @@ def test_seed_makes_sampling_reproducible(client) -> None:
     assert client.chat.completions.create(**args).choices[0].message.content == first
 
 
+def test_penalties_from_the_openai_sdk_change_greedy_output(client) -> None:
+    """frequency_penalty / presence_penalty are SDK arguments, repetition_penalty rides in extra_body."""
+    args = dict(model=CHAT, prompt="Hello", max_tokens=16, temperature=0, extra_body={"ignore_eos": True})
+    plain = client.completions.create(**args).choices[0].text
+    assert client.completions.create(**args, frequency_penalty=0.0, presence_penalty=0.0).choices[0].text == plain
+    penalised = client.completions.create(**args, frequency_penalty=2.0, presence_penalty=2.0).choices[0].text
+    repeated = client.completions.create(model=CHAT, prompt="Hello", max_tokens=16, temperature=0,
+                                         extra_body={"ignore_eos": True, "repetition_penalty": 3.0}).choices[0].text
+    assert plain not in (penalised, repeated)
+
+
 def test_stop_string_cuts_the_output(client) -> None:
     args = dict(model=CHAT, prompt="Hello", max_tokens=16, temperature=0, extra_body={"ignore_eos": True})
     full = client.completions.create(**args).choices[0].text
@@ -200,6 +211,9 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"model": CHAT, "messages": HELLO, "max_tokens": 100000}, 400, "max_tokens"),
     ("/v1/chat/completions", {"model": CHAT, "messages": HELLO, "max_tokens": 0}, 400, "max_tokens"),
     ("/v1/chat/completions", {"model": CHAT, "messages": HELLO, "temperature": 9}, 400, "temperature"),
+    ("/v1/chat/completions", {"model": CHAT, "messages": HELLO, "frequency_penalty": 2.5}, 400, "frequency_penalty"),
+    ("/v1/completions", {"model": CHAT, "prompt": "x", "presence_penalty": -3}, 400, "presence_penalty"),
+    ("/v1/completions", {"model": CHAT, "prompt": "x", "repetition_penalty": 0}, 400, "repetition_penalty"),
     ("/v1/chat/completions", {"model": CHAT, "messages": HELLO, "stream_options": {"include_usage": True}}, 400, "stream_options"),
     ("/v1/completions", {"model": CHAT, "prompt": ""}, 400, "prompt"),
     ("/v1/completions", {"model": CHAT, "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),

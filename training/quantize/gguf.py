@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import inspect
 import json
 import logging
 import math
@@ -222,12 +223,24 @@ def find_gguf(model_dir: Path) -> Path:
     return found[0]
 
 
-def load_llama(model_dir: Path, n_ctx: int, seed: int = 0, logits_all: bool = False) -> Any:
-    """One llama.cpp model on all cores; by default logits of the last position only (read by us)."""
+def load_llama(model_dir: Path, n_ctx: int, seed: int = 0, logits_all: bool = False, **overrides: Any) -> Any:
+    """One llama.cpp model on all cores; by default logits of the last position only (read by us).
+
+    ``overrides`` are further ``Llama`` arguments (``n_threads``, ``n_threads_batch``, ``flash_attn``...), e.g.
+    a served variant's ``engine_args``; a name ``Llama`` does not take is a ValueError naming it, since
+    ``Llama`` would otherwise swallow it silently in its ``**kwargs``.
+    """
     from llama_cpp import Llama
 
-    return Llama(model_path=str(find_gguf(model_dir)), n_ctx=n_ctx, n_batch=min(n_ctx, 512),
-                 n_threads=os.cpu_count() or 1, logits_all=logits_all, seed=seed, verbose=False)
+    known = set(inspect.signature(Llama.__init__).parameters) - {"self", "kwargs", "model_path"}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"llama.cpp takes no argument {', '.join(unknown)} (it takes e.g. n_threads, "
+                         "n_threads_batch, n_batch, flash_attn)")
+    threads = overrides.pop("n_threads", None) or os.cpu_count() or 1
+    arguments: dict[str, Any] = {"n_ctx": n_ctx, "n_batch": min(n_ctx, 512), "n_threads": threads,
+                                 "logits_all": logits_all, "seed": seed, "verbose": False}
+    return Llama(model_path=str(find_gguf(model_dir)), **(arguments | overrides))
 
 
 def last_logits(llama: Any) -> np.ndarray:

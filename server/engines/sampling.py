@@ -1,0 +1,61 @@
+"""Token choice for the engines that sample in our own code (transformers, llama.cpp).
+
+vLLM samples inside its engine; these two must pick the same token it would for the same logits and
+options, so penalties follow vLLM's order and definitions: the repetition penalty first, over every
+token of the prompt or the output (positive logits divided by it, negative ones multiplied, as
+transformers does too), then OpenAI's frequency and presence penalties over the output tokens only.
+All of them act before the greedy argmax and before temperature.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from steerserve.server.engines.base import SamplingOptions
+    from steerserve.server.engines.hf_scheduler import Sequence
+
+
+def apply_penalties(logits: torch.Tensor, prompt_ids: Seq[int], output_ids: Seq[int],
+                    options: SamplingOptions) -> None:
+    """Penalise one row of float32 ``logits`` in place (ids past the row's width are ignored)."""
+    vocab = logits.shape[-1]
+    if options.repetition_penalty != 1.0:
+        ids = torch.tensor([*prompt_ids, *output_ids], dtype=torch.long)
+        seen = torch.zeros(vocab, dtype=torch.bool)
+        seen[ids[ids < vocab]] = True
+        picked = logits[seen]
+        logits[seen] = torch.where(picked > 0, picked / options.repetition_penalty,
+                                   picked * options.repetition_penalty)
+    if output_ids and (options.frequency_penalty or options.presence_penalty):
+        ids = torch.tensor(output_ids, dtype=torch.long)
+        counts = torch.bincount(ids[ids < vocab], minlength=vocab).to(logits.dtype)
+        logits -= options.frequency_penalty * counts + options.presence_penalty * (counts > 0).to(logits.dtype)
+
+
+def sample_tokens(logits: torch.Tensor, seqs: Seq[Sequence]) -> list[int]:
+    """One token per row of float32 ``logits`` (penalised in place first, where asked): greedy at
+    temperature 0, else top-p with the row's generator."""
+    for row, seq in enumerate(seqs):
+        if seq.options.penalized:
+            apply_penalties(logits[row], seq.prompt_ids, seq.output_ids, seq.options)
+    greedy = logits.argmax(-1).tolist()
+    tokens = []
+    for row, seq in enumerate(seqs):
+        opts = seq.options
+        if opts.greedy:
+            tokens.append(greedy[row])
+            continue
+        probs = torch.softmax(logits[row] / opts.temperature, dim=-1)
+        if opts.top_p < 1.0:
+            sorted_p, order = probs.sort(descending=True, stable=True)
+            keep = (sorted_p.cumsum(-1) - sorted_p) < opts.top_p
+            keep[0] = True  # the top token always survives, even a top_p that rounds to 0 in float32
+            choice = torch.multinomial(sorted_p * keep, 1, generator=seq.generator)
+            tokens.append(int(order[choice]))
+        else:
+            tokens.append(int(torch.multinomial(probs, 1, generator=seq.generator)))
+    return tokens
