@@ -68,9 +68,10 @@ async def _answers(target: BenchTarget, prompts: list[str], max_tokens: int, par
     limit = asyncio.Semaphore(parallel)
     bar = tqdm(total=len(requests), desc=f"steerability {target.label}", unit="answer")
 
+    penalty = {"repetition_penalty": repetition_penalty} if repetition_penalty != 1.0 else {}
+
     async def one(client: AsyncSteerClient, name: str, level: int, i: int) -> dict[str, Any]:
         async with limit:
-            penalty = {"repetition_penalty": repetition_penalty} if repetition_penalty != 1.0 else {}
             reply = await client.chat(target.model, prompts[i], attributes={name: level}, max_tokens=max_tokens,
                                       temperature=0.0, **penalty)
         bar.update(1)
