@@ -31,7 +31,8 @@ HELD_OUT = {"eval_rewards/accuracies": "heldout_reward_accuracy", "eval_rewards/
 
 @dataclasses.dataclass
 class DPORecipeConfig(BaseConfig, LoraFields):
-    """DPO on preference pairs (formats: hh-rlhf, pairs, helpsteer, oasst)."""
+    """DPO on preference pairs (formats: hh-rlhf, pairs, helpsteer, oasst, oasst-ranks; helpsteer-sliders for
+    attribute-conditioned pairs, trained with a conditioned steering format such as described)."""
 
     loss_type: str = option("sigmoid", "DPO loss: sigmoid (DPO), robust (rDPO, uses label_smoothing) or ipo.")
     beta: float = option(0.1, "Strength of the pull towards the reference model (higher: stay closer).")
@@ -55,10 +56,11 @@ class DPORecipeConfig(BaseConfig, LoraFields):
 
 
 def pair_example(pair: dict[str, Any], method: SteeringMethod, tokenizer: Any) -> dict[str, str]:
-    """Prompt as the server renders it; both replies end with the model's end of turn."""
+    """Prompt as the server renders it (with the pair's attribute levels, for attribute-conditioned pairs);
+    both replies end with the model's end of turn."""
     end = runner.end_of_turn(method, tokenizer)
     return {
-        "prompt": runner.chat_prompt(pair["prompt"], None, method, tokenizer),
+        "prompt": runner.chat_prompt(pair["prompt"], pair.get("attributes"), method, tokenizer),
         "chosen": pair["chosen"] + end,
         "rejected": pair["rejected"] + end,
     }
@@ -91,7 +93,7 @@ def run(config: DPORecipeConfig, output: Path, force: bool = False, callbacks: S
 
     run_dir, base, base_name = runner.start(RECIPE, config, output, force)
     tokenizer = runner.load_tokenizer(base)
-    method = runner.steering_for(tokenizer, config.steering)
+    method = runner.steering_for(tokenizer, config.steering, conditioned=config.data_format == "helpsteer-sliders")
     train_pairs, test_pairs, data = runner.load_and_split(
         config, lambda source, data_format: load_preference_pairs(source, data_format, config.data_split))
     train, test, dropped = runner.examples(train_pairs, test_pairs, lambda pair: pair_example(

@@ -11,7 +11,7 @@ import pytest
 
 from steerserve.attributes import ATTRIBUTE_NAMES
 from steerserve.training.data import DataError, grouped_split, load_rows, prompt_key
-from steerserve.training.data.preferences import pairs_from_attribute_rows
+from steerserve.training.data.preferences import pairs_from_attribute_rows, slider_pairs_from_attribute_rows
 from steerserve.training.data.io import LoadReport
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
@@ -88,6 +88,33 @@ def test_pairs_from_attribute_rows_pick_more_helpful_and_drop_ties(tmp_path: Pat
     pairs = pairs_from_attribute_rows(rows, report)
     assert [(p["chosen"], p["rejected"]) for p in pairs] == [("4.", "Maybe 5."), ("Four.", "Maybe 5.")]
     assert report.skipped == {"tie in helpfulness": 1, "only one labelled reply to its prompt": 1}
+
+
+def test_slider_pairs_condition_on_the_chosen_replys_own_labels(tmp_path: Path) -> None:
+    """Two replies 2+ levels apart on verbosity or complexity: two pairs, each reply chosen under its own line."""
+    rows = [
+        {"prompt": "Why is the sky blue?", "response": "Scattering.", "verbosity": 0, "complexity": 1, "humor": 0},
+        {"prompt": "Why is the sky blue?", "response": "Sunlight scatters off air molecules; blue scatters most, "
+                                                       "so the sky looks blue.", "verbosity": 3, "complexity": 2},
+        {"prompt": "Why is the sky blue?", "response": "Rayleigh.", "verbosity": 1, "complexity": 1},
+        {"prompt": "Name a colour.", "response": "Blue.", "verbosity": 0, "complexity": 0},
+        {"prompt": "Name a colour.", "response": "Blue.", "verbosity": 4, "complexity": 0},
+    ]
+    loaded, _ = load_rows("attributes", str(write_jsonl(tmp_path / "hs.jsonl", rows)), "helpsteer")
+    report = LoadReport(source="hs")
+    pairs = slider_pairs_from_attribute_rows(loaded, report)
+    assert [(p["chosen"], p["rejected"], p["attributes"]["verbosity"], p["contrast"]) for p in pairs] == [
+        ("Scattering.", rows[1]["response"], 0, ["verbosity"]),
+        (rows[1]["response"], "Scattering.", 3, ["verbosity"]),
+        (rows[1]["response"], "Rayleigh.", 3, ["verbosity"]),
+        ("Rayleigh.", rows[1]["response"], 1, ["verbosity"]),
+    ]
+    assert pairs[0]["attributes"] == {"verbosity": 0, "complexity": 1, "humor": 0}
+    assert pairs[0]["prompt"] == [{"role": "user", "content": "Why is the sky blue?"}]
+    assert report.skipped == {"no slider 2 levels apart from an earlier reply to its prompt": 1,
+                              "chosen and rejected are identical": 1}
+    by_format, _ = load_rows("preferences", str(tmp_path / "hs.jsonl"), "helpsteer-sliders")
+    assert by_format == pairs
 
 
 def test_hh_transcripts_become_messages(tmp_path: Path) -> None:

@@ -124,6 +124,24 @@ def test_dpo_loss_types_differ_on_the_same_batch(tmp_path: Path, tiny_model_dir:
     assert abs(losses["sigmoid"] - losses["robust"]) > 1e-4 and abs(losses["sigmoid"] - losses["ipo"]) > 1e-4
 
 
+def test_dpo_on_slider_pairs_renders_each_pairs_own_attribute_line(tmp_path: Path, tiny_model_dir: Path,
+                                                                   attribute_file: Path) -> None:
+    """Attribute-conditioned DPO: the two pairs of one contrast carry different lines; a real TRL run on them."""
+    pairs, _ = load_rows("preferences", str(attribute_file), "helpsteer-sliders")
+    tokenizer = runner.load_tokenizer(str(tiny_model_dir))
+    first, mirrored = (dpo.pair_example(p, SteeringMethod.DESCRIBED, tokenizer) for p in pairs[:2])
+    assert (first["chosen"], first["rejected"]) == (mirrored["rejected"], mirrored["chosen"])
+    for pair, example in ((pairs[0], first), (pairs[1], mirrored)):
+        assert format_attributes(pair["attributes"]) in example["prompt"]
+    assert first["prompt"] != mirrored["prompt"]
+    out = run_recipe("dpo", tmp_path / "dpo-sliders", [f"model={tiny_model_dir}", f"data={attribute_file}",
+                                                        "data_format=helpsteer-sliders", "steering=described",
+                                                        "loss_type=robust", "label_smoothing=0.1", *FAST])
+    finite_losses(out)
+    check_servable(out, "described")
+    assert weights_changed(tiny_model_dir, out) > 1e-6
+
+
 # ---- apm ---------------------------------------------------------------------
 
 

@@ -3,7 +3,8 @@
 Four sources: oasst1 sibling ranks (``oasst-ranks``), HH-RLHF transcripts (``"\\n\\nHuman: ...\\n\\nAssistant: ..."``),
 any JSON/JSONL/CSV/parquet with ``prompt, chosen, rejected`` (text or TRL's
 conversational lists), and attribute rows (two replies to one prompt, the more
-helpful one chosen, ties dropped)::
+helpful one chosen, ties dropped; or, as ``helpsteer-sliders``, attribute-conditioned
+pairs: the reply that matches the attribute line chosen over one two levels away)::
 
     pairs, report = load_preference_pairs("../shared/data/hh-rlhf/harmless-base_test.jsonl.gz", "hh-rlhf")
     pairs[0]  # {"prompt": [{"role": "user", "content": "..."}, ...], "chosen": "...", "rejected": "..."}
@@ -16,7 +17,7 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-from steerserve.training.data.attribute_rows import AttributeRow, load_attribute_rows
+from steerserve.training.data.attribute_rows import AttributeRow, levels, load_attribute_rows, to_level
 from steerserve.training.data.fields import require
 from steerserve.training.data.io import DataError, LoadReport, Location, load_with, read_records
 
@@ -127,6 +128,40 @@ def pairs_from_attribute_rows(
     return pairs
 
 
+SLIDERS = ("verbosity", "complexity")
+"""The attributes slider pairs contrast: the two a caller moves most, and measured rather than predicted."""
+SLIDER_GAP = 2
+"""Levels two replies must differ by on a slider to make a pair: one level apart is within label noise."""
+
+
+def slider_pairs_from_attribute_rows(rows: list[AttributeRow], report: LoadReport,
+                                     sliders: Iterable[str] = SLIDERS, gap: int = SLIDER_GAP) -> list[PreferencePair]:
+    """Attribute-conditioned pairs: two replies to one prompt that sit at least ``gap`` levels apart on a slider
+    make two pairs, each conditioned on one reply's own labels (its attribute line), that reply chosen.
+
+    So the preference is for the reply that matches the line over the one that does not: what a slider asks
+    of the model, learned as a contrast rather than from one reply at a time (AC-SFT). Pairs carry the
+    ``attributes`` (levels) their prompt is rendered with.
+    """
+    groups: dict[str, list[tuple[Location, AttributeRow]]] = {}
+    for number, row in enumerate(rows, start=1):
+        groups.setdefault(row["prompt"], []).append((Location(f"{report.source} (attribute rows)", number), row))
+    pairs: list[PreferencePair] = []
+    for prompt, group in groups.items():
+        messages = [{"role": "user", "content": prompt}]
+        for (_, first), (location, second) in itertools.combinations(group, 2):
+            apart = [name for name in sliders if first.get(name) is not None and second.get(name) is not None
+                     and abs(to_level(first[name]) - to_level(second[name])) >= gap]
+            if not apart:
+                report.skip(location, f"no slider {gap} levels apart from an earlier reply to its prompt")
+                continue
+            for pair in _checked_pair(messages, first["response"], second["response"], location, report):
+                pairs.append({**pair, "attributes": levels(first), "contrast": apart})
+                pairs.append({**pair, "chosen": pair["rejected"], "rejected": pair["chosen"],
+                              "attributes": levels(second), "contrast": apart})
+    return pairs
+
+
 def _conversation(message_id: str, by_id: dict[str, dict[str, Any]]) -> Messages:
     """The turns from the tree's root down to ``message_id`` (oasst1 message trees)."""
     turns: Messages = []
@@ -168,11 +203,11 @@ def _oasst_rank_pairs(source: str, split: str, report: LoadReport) -> Iterable[P
             yield from _checked_pair(prompt, better.get("text") or "", worse.get("text") or "", location, report)
 
 
-def _attribute_pairs(data_format: str) -> Any:
+def _attribute_pairs(data_format: str, make: Any = pairs_from_attribute_rows) -> Any:
     def read(source: str, split: str, report: LoadReport) -> list[PreferencePair]:
         rows, row_report = load_attribute_rows(source, data_format, split)
         report.absorb(row_report)
-        return pairs_from_attribute_rows(rows, report)
+        return make(rows, report)
 
     return read
 
@@ -183,6 +218,7 @@ READERS = {
     "helpsteer": _attribute_pairs("helpsteer"),
     "oasst": _attribute_pairs("oasst"),
     "oasst-ranks": _oasst_rank_pairs,
+    "helpsteer-sliders": _attribute_pairs("helpsteer", slider_pairs_from_attribute_rows),
 }
 FORMATS = tuple(READERS)
 
