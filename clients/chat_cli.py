@@ -115,6 +115,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--system", help="a system message")
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0,
+                        help="above 1 discourages repeating prompt and reply tokens (small models loop without it)")
     parser.add_argument("--api-key", help="bearer key, if the server wants one")
     return parser
 
@@ -131,8 +133,10 @@ def main(argv: list[str]) -> int:
         except (SteerAPIError, IndexError) as exc:
             print(f"steerserve chat: no model at {args.url}: {exc}", file=sys.stderr)
             return 1
-        session = ChatSession(client, model, attributes, {"max_tokens": args.max_tokens,
-                              "temperature": args.temperature}, args.system, sys.stdout)
+        sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature}
+        if args.repetition_penalty != 1.0:
+            sampling["repetition_penalty"] = args.repetition_penalty
+        session = ChatSession(client, model, attributes, sampling, args.system, sys.stdout)
         if interactive:
             session.say(f"chatting with {model}; {HELP}")
         while True:

@@ -16,7 +16,7 @@ def test_chat_repl_changes_sliders_mid_conversation(tiny_server) -> None:
     script = "Hello there\n/verbosity 1\n/complexity 0\n/attributes\nAnd again?\n/verbosity 9\n/reset\n/quit\nnever sent\n"
     done = subprocess.run(
         [sys.executable, "-m", "steerserve.cli", "chat", "--url", tiny_server.url, "--model", CHAT,
-         "--max-tokens", "4", "--temperature", "0"],
+         "--max-tokens", "4", "--temperature", "0", "--repetition-penalty", "1.3"],
         input=script, capture_output=True, text=True, timeout=120,
     )
     assert done.returncode == 0, done.stderr
@@ -46,3 +46,14 @@ def test_mcq_file_accuracy(tiny_server, tmp_path: Path, capsys) -> None:
     assert result["total"] == 7 and len(result["predictions"]) == 7
     assert result["accuracy"] == sum(p == r["answer"] for p, r in zip(result["predictions"], rows)) / 7
     assert "accuracy" in capsys.readouterr().out
+
+
+def test_chat_sends_the_repetition_penalty(tiny_server) -> None:
+    """The flag reaches the server: one out of its range comes back as the server's error naming the field."""
+    done = subprocess.run(
+        [sys.executable, "-m", "steerserve.cli", "chat", "--url", tiny_server.url, "--model", CHAT,
+         "--max-tokens", "4", "--repetition-penalty", "20"],
+        input="Hello there\n/quit\n", capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "error:" in done.stdout and "repetition_penalty" in done.stdout, done.stdout
