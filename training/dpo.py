@@ -19,6 +19,7 @@ from steerserve.prompts import SteeringMethod
 from steerserve.training import runner
 from steerserve.training.config import BaseConfig, ConfigError, LoraFields, option
 from steerserve.training.data.preferences import FORMATS, load_preference_pairs
+from steerserve.training.mirrored_batches import mirrored_trainer_class
 from steerserve.training.output import RunDir
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,9 @@ class DPORecipeConfig(BaseConfig, LoraFields):
     learning_rate: float = option(1e-6, "Peak learning rate (linear decay).")
     steering: str = option("auto", "Prompt format trained and served: auto (instructions with a chat template, "
                                    "else steerlm), steerlm, chat-template, instructions or described.")
+    mirrored_batches: bool = option(False, "Keep the two mirrored pairs of a helpsteer-sliders contrast in one "
+                                           "batch (batch_size must be even), so only the attribute line tells "
+                                           "them apart.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -53,6 +57,8 @@ class DPORecipeConfig(BaseConfig, LoraFields):
             raise ConfigError(f"label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
         if self.label_smoothing and self.loss_type != "robust":
             raise ConfigError(f"label_smoothing: only the robust loss uses it (loss_type is {self.loss_type!r})")
+        if self.mirrored_batches and self.batch_size % 2:
+            raise ConfigError(f"batch_size: mirrored_batches needs an even batch size, got {self.batch_size}")
 
 
 def pair_example(pair: dict[str, Any], method: SteeringMethod, tokenizer: Any) -> dict[str, str]:
@@ -78,7 +84,9 @@ def build_trainer(config: DPORecipeConfig, run_dir: RunDir, base: str, tokenizer
         label_smoothing=config.label_smoothing,
         max_length=config.max_length,
     )
-    return DPOTrainer(args=args, **runner.trl_trainer_kwargs(config, run_dir, base, tokenizer, train, test, callbacks))
+    trainer_class = mirrored_trainer_class(DPOTrainer) if config.mirrored_batches else DPOTrainer
+    return trainer_class(args=args, **runner.trl_trainer_kwargs(config, run_dir, base, tokenizer, train, test,
+                                                                callbacks))
 
 
 def held_out_metrics(trainer: Any) -> dict[str, Any]:
