@@ -17,10 +17,11 @@ def test_groups_pair_each_row_with_its_mirror_once() -> None:
     chosen = [[1, 1], [2], [1, 1], [3], [2, 2], [1], [5, 6]]
     rejected = [[2, 2], [1, 1, 1], [2], [4], [1], [2], [6, 6]]
     # rows 0/1 mirror (1's rejected reply cut longer); 2 mirrors 4 (1 is taken); 5 has none left;
-    # 3 and 6 never had one
-    # key_tokens=1: bucketed by first token (cut copies differ only past the first KEY_TOKENS in real data)
+    # 3 and 6 never had one. key_tokens=1: bucketed by the first token (in real data cut copies differ only
+    # past the first KEY_TOKENS)
     assert mirrored_groups(chosen, rejected, key_tokens=1) == [[0, 1], [2, 4], [3], [5], [6]]
-    assert mirrored_groups([[5, 6], [6, 8]], [[6, 7], [5, 6]], key_tokens=1) == [[0], [1]]  # a reply and its mirror must agree on every shared token
+    # a reply and its mirror must agree on every shared token
+    assert mirrored_groups([[5, 6], [6, 8]], [[6, 7], [5, 6]], key_tokens=1) == [[0], [1]]
 
 
 def test_sampler_keeps_blocks_whole_and_replays_an_epoch() -> None:
