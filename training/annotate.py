@@ -22,6 +22,7 @@ from typing import Any
 from steerserve.attributes import ATTRIBUTE_NAMES, format_attributes
 from steerserve.training import distributed, runner
 from steerserve.training.apm import attribute_metrics, load_apm, predict
+from steerserve.training.calibration import calibrate_annotations, reference_shares
 from steerserve.training.config import DEFAULT_MODEL, TINY_MODELS, CommonConfig, ConfigError, option
 from steerserve.training.data.attribute_rows import FORMATS, load_attribute_rows, to_level
 from steerserve.training.manifest import build_manifest, data_entry
@@ -44,6 +45,9 @@ class AnnotateConfig(CommonConfig):
     max_length: int = option(512, "Longest tokenized conversation (the start is cut, the end kept).")
     measured: list[str] = option([], "Attributes labelled by measurement instead of the APM: verbosity (length "
                                      "quantile among the prompt's replies), complexity (Flesch-Kincaid grade).")
+    calibrate: bool = option(False, "Give the APM's predictions the level shares of the labels it learned from "
+                                    "(read from its manifest), keeping its ranking: a regression head pulls "
+                                    "toward the mean, so plain rounding leaves levels 0 and 4 almost empty.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -55,6 +59,9 @@ class AnnotateConfig(CommonConfig):
         unmeasurable = [name for name in self.measured if name not in MEASURABLE]
         if unmeasurable:
             raise ConfigError(f"measured: {unmeasurable} cannot be measured; measurable: {', '.join(MEASURABLE)}")
+        if self.calibrate and self.model in (*TINY_MODELS, DEFAULT_MODEL):
+            raise ConfigError(f"calibrate: needs a trained APM directory (its manifest names its labels), "
+                              f"not model={self.model!r}")
 
 
 MEASURABLE = ("verbosity", "complexity")
@@ -136,6 +143,11 @@ def run(config: AnnotateConfig, output: Path, force: bool = False,
     started = time.perf_counter()
     resumed_at = annotate_rows(config, rows, model, tokenizer, names, work / ANNOTATIONS, callbacks)
     seconds = time.perf_counter() - started
+    calibration = None
+    if config.calibrate:
+        shares = reference_shares(Path(base), [name for name in names if name not in config.measured])
+        calibration = {"level_shares": shares, "thresholds": calibrate_annotations(work / ANNOTATIONS, shares)}
+        logger.info("calibrated %s to the level shares of the APM's labels", ", ".join(shares))
     metrics = {"rows_annotated": len(rows), "resumed_at_row": resumed_at,
                "rows_per_second": round((len(rows) - resumed_at) / seconds, 2) if seconds else None,
                "agreement_with_labels": agreement(work / ANNOTATIONS, rows, names)}
@@ -144,7 +156,7 @@ def run(config: AnnotateConfig, output: Path, force: bool = False,
         RECIPE, config, base_model=base_name, data=[data_entry(config.data, report, config.data_format)],
         metrics=metrics, steps=len(rows), steering=None, servable=False,
         attributes=[*names, *(m for m in config.measured if m not in names)], measured=config.measured,
-        annotations=ANNOTATIONS, resumed=run_dir.resumed,
+        annotations=ANNOTATIONS, calibration=calibration, resumed=run_dir.resumed,
     )
     return run_dir.commit(manifest)
 
