@@ -11,6 +11,7 @@ import pytest
 
 from steerserve.attributes import ATTRIBUTE_NAMES
 from steerserve.training.data import DataError, grouped_split, load_rows, prompt_key
+from steerserve.training.data.attribute_rows import load_attribute_rows
 from steerserve.training.data.preferences import pairs_from_attribute_rows, slider_pairs_from_attribute_rows
 from steerserve.training.data.io import LoadReport
 
@@ -77,6 +78,18 @@ def test_annotated_rows_parse_the_attribute_line(tmp_path: Path) -> None:
     rows, _ = load_rows("attributes", str(path), "helpsteer")
     assert rows[0]["helpfulness"] == 2 and rows[0]["verbosity"] == 0 and rows[0]["quality"] is None
     assert rows[1]["humor"] == 3 and set(rows[1]) == {"prompt", "response", *ATTRIBUTE_NAMES}
+
+
+def test_replies_cut_at_the_token_cap_are_skipped(tmp_path: Path) -> None:
+    """Bootstrap samples carry the engine's finish reason; a reply cut mid-loop is no reply to condition on."""
+    path = write_jsonl(tmp_path / "samples.jsonl", [
+        {"prompt": "p", "response": "Done.", "finish_reason": "stop"},
+        {"prompt": "p", "response": "1. A\n2. A\n3. A\n4. ", "finish_reason": "length"},
+        {"prompt": "p", "response": "A human reply.", "finish_reason": None},
+    ])
+    rows, report = load_attribute_rows(str(path), "helpsteer", require_labels=False)
+    assert [row["response"] for row in rows] == ["Done.", "A human reply."]
+    assert report.skipped == {"reply cut at the token cap (finish_reason: length)": 1}
 
 
 # ---- preference pairs -------------------------------------------------------

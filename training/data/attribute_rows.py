@@ -8,7 +8,10 @@ fractions 0-1 that the HelpSteer paper rescales to 0-4::
     rows, report = load_attribute_rows("../shared/data/oasst1/oasst1_en_validation.jsonl", "oasst")
     rows[0]  # {"prompt": "...", "response": "...", "quality": 3.0, ..., "verbosity": None}
 
-A missing label is None (masked in the APM's loss), never 0.
+A missing label is None (masked in the APM's loss), never 0. A row whose
+``finish_reason`` is ``length`` (a bootstrapped sample cut at the token cap) is
+skipped: it is no finished reply, often a loop, and conditioned SFT on it would
+teach the model to end a turn mid-sentence.
 """
 
 from __future__ import annotations
@@ -90,6 +93,8 @@ def _helpsteer_rows(source: str, split: str, report: LoadReport, require_labels:
         labels = _helpsteer_labels(record, location)
         if not prompt.strip() or not response.strip():
             report.skip(location, "empty prompt or response")
+        elif record.get("finish_reason") == "length":  # bootstrap samples keep the engine's finish reason
+            report.skip(location, "reply cut at the token cap (finish_reason: length)")
         elif require_labels and all(value is None for value in labels.values()):
             report.skip(location, "no attribute labels")
         else:
