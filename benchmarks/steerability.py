@@ -9,7 +9,9 @@ correlation between level and measure over all answers. The HelpSteer paper's
 figures are shown beside ours: chars 422 -> 1125 across verbosity, FKGL 8.49 -> 9.10
 across complexity (SteerLM 43B). Each sweep is checked against the project's
 targets: monotone across all five levels, chars(4)/chars(0) >= 3 and
-FKGL(4) - FKGL(0) >= 2.
+FKGL(4) - FKGL(0) >= 2. ``--hold quality:3,humor:1`` holds other sliders at
+given levels instead of their defaults (both sweeps), e.g. at the levels a
+model's training lines carried most.
 
 ``--apm DIR`` (an attribute prediction model from ``steerserve train apm``) also
 scores the answers given at default sliders, so a steered model can be checked
@@ -45,23 +47,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--answer-tokens", type=int, help="max tokens per answer (default 384; quick 24)")
     group.add_argument("--parallel", type=int, default=8, help="requests in flight at once")
     group.add_argument("--apm", help="APM directory: also report mean predicted attributes at default sliders")
+    group.add_argument("--hold", type=held_sliders, default={}, metavar="NAME:LEVEL,...",
+                       help="sliders held at these levels instead of their defaults in both sweeps (the swept "
+                            "slider excepted), e.g. quality:3,humor:1 to ask for lines a model was trained on")
     group.add_argument("--repetition-penalty", type=float, default=1.0,
                        help="sent with every answer (default 1: plain greedy). A 135M model loops under greedy "
                             "decoding until the token cap, whatever the slider says; 1.1-1.3 breaks the loops")
 
 
+def held_sliders(text: str) -> dict[str, int]:
+    """``--hold``'s value through the attribute codec (a partial line), so bad names or levels fail up front."""
+    from steerserve.attributes import InvalidAttribute, parse_attributes
+
+    try:
+        return parse_attributes(text, partial=True)
+    except InvalidAttribute as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 async def _answers(target: BenchTarget, prompts: list[str], max_tokens: int, parallel: int,
-                   repetition_penalty: float = 1.0) -> list[dict[str, Any]]:
+                   repetition_penalty: float = 1.0, hold: dict[str, int] | None = None) -> list[dict[str, Any]]:
     """Every (slider, level, prompt) answered; greedy so reruns agree.
 
-    Both sweeps hold the other slider at its default, so each sweep's default level asks the very same
-    request as the other sweep's: it is sent once and its answer counted in both (a tenth of the work).
+    Both sweeps hold the other slider at its default (or its ``hold`` level), so one level of each sweep asks
+    the very same request as a level of the other: it is sent once and its answer counted in both.
     """
     from steerserve.attributes import resolve_attributes
     from steerserve.clients.client import AsyncSteerClient
 
+    held = dict(hold or {})
+
     def request_key(name: str, level: int, i: int) -> tuple[int, tuple[tuple[str, int], ...]]:
-        return i, tuple(sorted(resolve_attributes({name: level}).items()))
+        return i, tuple(sorted(resolve_attributes({**held, name: level}).items()))
 
     jobs = [(name, level, i) for name in SWEEPS for level in LEVELS for i in range(len(prompts))]
     requests = {request_key(*job): job for job in reversed(jobs)}
@@ -72,8 +89,8 @@ async def _answers(target: BenchTarget, prompts: list[str], max_tokens: int, par
 
     async def one(client: AsyncSteerClient, name: str, level: int, i: int) -> dict[str, Any]:
         async with limit:
-            reply = await client.chat(target.model, prompts[i], attributes={name: level}, max_tokens=max_tokens,
-                                      temperature=0.0, **penalty)
+            reply = await client.chat(target.model, prompts[i], attributes={**held, name: level},
+                                      max_tokens=max_tokens, temperature=0.0, **penalty)
         bar.update(1)
         text = reply.choices[0].message.content
         return {"text": text, "chars": chars(text), "fkgl": fk_grade(text),
@@ -114,7 +131,8 @@ def summarize(answers: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def default_slider_quality(apm_dir: str, prompts: list[str], answers: list[dict[str, Any]]) -> dict[str, float]:
-    """Mean APM prediction per attribute over the answers given at default sliders (the no-collapse check)."""
+    """Mean APM prediction per attribute over the answers at default sliders (the no-collapse check; with
+    ``--hold``, at the held levels)."""
     from steerserve.attributes import ATTRIBUTE_DEFAULTS
     from steerserve.training.apm import load_apm, predict
 
@@ -134,7 +152,7 @@ def measure(target: BenchTarget, args: argparse.Namespace) -> dict[str, Any]:
 
     count, max_tokens = sizes(args)
     prompts = load_prompts(args.prompts, count)
-    answers = asyncio.run(_answers(target, prompts, max_tokens, args.parallel, args.repetition_penalty))
+    answers = asyncio.run(_answers(target, prompts, max_tokens, args.parallel, args.repetition_penalty, args.hold))
     result = {"summary": summarize(answers), "answers": answers, "prompts": prompts, "max_tokens": max_tokens}
     if args.apm:
         result["default_slider_apm"] = default_slider_quality(args.apm, prompts, answers)
@@ -174,7 +192,9 @@ def finish(results: dict[str, dict[str, Any]], refs: dict[str, Any],
     count, max_tokens = sizes(args)
     head = [f"L{lvl}" for lvl in LEVELS]
     penalty = f" with repetition penalty {args.repetition_penalty:g}" if args.repetition_penalty != 1.0 else ""
-    text = (f"{count} prompts x 5 levels per slider (the other sliders at their defaults), greedy{penalty}, max "
+    others = "the other sliders at their defaults" + (
+        f", except {', '.join(f'{k} {v}' for k, v in args.hold.items())}" if args.hold else "")
+    text = (f"{count} prompts x 5 levels per slider ({others}), greedy{penalty}, max "
             f"{max_tokens} tokens per answer (truncated = share of answers cut by that cap). Targets: monotone, "
             f"chars x3 from verbosity 0 to 4, +2 grades from complexity 0 to 4. Paper: {PAPER_SOURCE}.\n\n"
             "Mean characters by **verbosity** level\n\n"

@@ -106,6 +106,23 @@ def test_steerability_on_a_given_server(bench_server, tmp_path: Path, data_files
     assert "no-collapse" in (tmp_path / "steerability.md").read_text()
 
 
+def test_steerability_holds_other_sliders(bench_server, tmp_path: Path, data_files) -> None:
+    """--hold goes through the attribute codec; the sweeps share the request where both hold the same line."""
+    prompts, _ = data_files
+    args = ["steerability", "--quick", "--url", bench_server.url, "--prompts", str(prompts), "--num-prompts", "1",
+            "--answer-tokens", "8"]
+    with pytest.raises(SystemExit) as bad:
+        main([*args, "--output", str(tmp_path / "bad"), "--hold", "quality:7"])
+    assert bad.value.code == 2 and not (tmp_path / "bad").exists()
+    assert main([*args, "--output", str(tmp_path), "--hold", "quality:3,complexity:1"]) == 0
+    result = _outputs(tmp_path, "steerability")
+    answers = result["variants"]["tiny:bf16 (transformers)"]["answers"]
+    text = {(a["slider"], a["level"]): a["text"] for a in answers}
+    assert len(answers) == 10 and text[("verbosity", 4)] == text[("complexity", 1)]  # verbosity 4, complexity 1
+    assert result["config"]["hold"] == {"quality": 3, "complexity": 1}
+    assert "except quality 3, complexity 1" in (tmp_path / "steerability.md").read_text()
+
+
 def test_target_check_needs_monotone_and_size() -> None:
     from steerserve.benchmarks.steerability import target_check
 
