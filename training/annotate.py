@@ -140,12 +140,13 @@ def run(config: AnnotateConfig, output: Path, force: bool = False,
     model, tokenizer, names = _load_model(config, base)
     rows, report = load_attribute_rows(config.data, config.data_format, config.data_split, require_labels=False)
     rows = rows[: config.limit]
+    # read before the long pass, so an APM without readable labels fails before the rows are labelled
+    shares = reference_shares(Path(base), [n for n in names if n not in config.measured]) if config.calibrate else {}
     started = time.perf_counter()
     resumed_at = annotate_rows(config, rows, model, tokenizer, names, work / ANNOTATIONS, callbacks)
     seconds = time.perf_counter() - started
     calibration = None
-    if config.calibrate:
-        shares = reference_shares(Path(base), [name for name in names if name not in config.measured])
+    if shares:
         calibration = {"level_shares": shares, "thresholds": calibrate_annotations(work / ANNOTATIONS, shares)}
         logger.info("calibrated %s to the level shares of the APM's labels", ", ".join(shares))
     metrics = {"rows_annotated": len(rows), "resumed_at_row": resumed_at,
