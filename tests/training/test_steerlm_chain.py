@@ -85,8 +85,12 @@ def test_annotate_measures_verbosity_and_complexity(tmp_path: Path, apm_run: Pat
     out = run_recipe("annotate", tmp_path / "ann", [f"model={apm_run}", f"data={bootstrap_run / 'samples.jsonl'}",
                                                     "data_format=helpsteer", "measured=[verbosity, complexity]"])
     lines = [json.loads(line) for line in (out / "annotations.jsonl").read_text().splitlines()]
-    rows = [json.loads(line) for line in (bootstrap_run / "samples.jsonl").read_text().splitlines()]
-    assert len(lines) == len(rows)
+    samples = [json.loads(line) for line in (bootstrap_run / "samples.jsonl").read_text().splitlines()]
+    rows = [r for r in samples if r.get("finish_reason") != "length"]  # replies cut at the token cap are skipped
+    capped = len(samples) - len(rows)
+    assert rows and len(lines) == len(rows)
+    assert read_manifest(out)["data"][0]["rows_skipped"] == (
+        {"reply cut at the token cap (finish_reason: length)": capped} if capped else {})
     expected = verbosity_levels([r["response"] for r in rows], [r["prompt"] for r in rows])
     assert [line["attributes"]["verbosity"] for line in lines] == expected
     assert all(line["attributes"]["complexity"] == complexity_level(line["response"]) for line in lines)
@@ -96,7 +100,8 @@ def test_annotate_measures_verbosity_and_complexity(tmp_path: Path, apm_run: Pat
                                                  "measured=[humor]"])
 
     acsft = run_recipe("acsft", tmp_path / "acsft", ["model=tiny", f"data={out / 'annotations.jsonl'}",
-                                                     "data_format=helpsteer", "steering=described", *FAST])
+                                                     "data_format=helpsteer", "steering=described", *FAST,
+                                                     "test_fraction=0", "max_length=1024"])  # few finished replies, long
     manifest = read_manifest(acsft)
     assert manifest["steering"] == "described"
 
