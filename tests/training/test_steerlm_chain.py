@@ -99,9 +99,10 @@ def test_annotate_measures_verbosity_and_complexity(tmp_path: Path, apm_run: Pat
         run_recipe("annotate", tmp_path / "bad", [f"model={apm_run}", "data=x.jsonl", "data_format=helpsteer",
                                                  "measured=[humor]"])
 
+    # few finished replies, some of them long human ones: train on all of them
     acsft = run_recipe("acsft", tmp_path / "acsft", ["model=tiny", f"data={out / 'annotations.jsonl'}",
                                                      "data_format=helpsteer", "steering=described", *FAST,
-                                                     "test_fraction=0", "max_length=1024"])  # few finished replies, long
+                                                     "test_fraction=0", "max_length=1024"])
     manifest = read_manifest(acsft)
     assert manifest["steering"] == "described"
 
