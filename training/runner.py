@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from steerserve.prompts import STEERLM_STOP, SteeringMethod, render_chat
 from steerserve.training import distributed
-from steerserve.training.config import DEFAULT_MODEL, TINY_MODELS, BaseConfig, CommonConfig, LoraFields
+from steerserve.training.config import DEFAULT_MODEL, TINY_MODELS, BaseConfig, CommonConfig, ConfigError, LoraFields
 from steerserve.training.data.split import grouped_split, prompt_key
 from steerserve.training.output import RunDir
 
@@ -173,6 +173,10 @@ def examples(train_rows: list[dict], test_rows: list[dict], build: Callable[[dic
     if dropped:
         logger.warning("dropped %d of %d examples whose prompt leaves under %d of max_length=%d tokens",
                        dropped, sum(map(len, built)), room, max_length)
+    if not kept[0]:  # the trainer would fail on an empty data set with a bare StopIteration
+        raise ConfigError(f"max_length: no training example left of {len(built[0])} train rows "
+                          f"({dropped} prompts leave under {room} of {max_length} tokens; check data, "
+                          f"test_fraction and max_length)")
     return kept[0], kept[1], dropped
 
 

@@ -175,3 +175,15 @@ def test_force_discards_a_partial_run_with_other_settings(tmp_path: Path, tiny_m
 def test_unknown_data_path_is_not_sent_to_the_hub(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="missing/file.jsonl: no such file"):
         run_recipe("sft", tmp_path / "x", ["data=./missing/file.jsonl", "data_format=mcq", "model=tiny"])
+
+
+def test_no_training_example_left_is_a_config_error(tiny_model_dir: Path) -> None:
+    from steerserve.training import runner
+    from steerserve.training.config import ConfigError
+
+    tokenizer = runner.load_tokenizer(str(tiny_model_dir))
+    rows = [{"prompt": "word " * 200, "completion": "ok"}]
+    with pytest.raises(ConfigError, match="max_length: no training example left of 1 train rows"):
+        runner.examples(rows, [], lambda row: row, tokenizer, max_length=64)
+    train, test, dropped = runner.examples(rows, [], lambda row: row, tokenizer, max_length=1024)
+    assert (len(train), test, dropped) == (1, [], 0)
