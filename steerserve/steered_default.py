@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "models" / "steered-default"
@@ -24,10 +25,32 @@ STEERED_ID = "steered"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
-def package(runs: Path, shipped: Path = SHIPPED_DIR) -> list[Path]:
-    """Copy each finished run's adapter + manifest into ``shipped`` (atomically per adapter)."""
+MAX_CHAIN = 8
+
+
+def _manifest(run: Path) -> dict:
+    return json.loads((run / "manifest.json").read_text())
+
+
+def lora_chain(run: Path) -> list[Path]:
+    """The adapters that serve ``run`` on the default model, in the order they apply: the adapters of the LoRA
+    runs it was trained on top of (its manifest's ``base_model``, recursively), then its own."""
+    chain = [run / "adapter"]
+    base = Path(_manifest(run).get("base_model") or "/nonexistent")
+    while (base / "adapter" / "adapter_config.json").is_file() and (base / "manifest.json").is_file():
+        if len(chain) == MAX_CHAIN:
+            raise ValueError(f"{run}: more than {MAX_CHAIN} LoRA runs trained on top of each other")
+        chain.insert(0, base / "adapter")
+        base = Path(_manifest(base).get("base_model") or "/nonexistent")
+    return chain
+
+
+def package(runs: Path, shipped: Path = SHIPPED_DIR, adapters: Mapping[str, str] = ADAPTERS) -> list[Path]:
+    """Copy each finished run's adapter + manifest into ``shipped`` (atomically per adapter). A run trained on top
+    of another LoRA run's merged model ships as one adapter stacked from the chain (exact; see
+    ``steerserve.training.stack_adapters``), its manifest listing the runs under it in ``stacked_on``."""
     written = []
-    for run_name in ADAPTERS:
+    for run_name in adapters:
         run = runs / run_name
         adapter = run / "adapter"
         if not (run / "manifest.json").is_file() or not (adapter / "adapter_config.json").is_file():
@@ -35,10 +58,20 @@ def package(runs: Path, shipped: Path = SHIPPED_DIR) -> list[Path]:
             continue
         shipped.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{run_name}.", dir=shipped))
-        for name in ADAPTER_FILES:
-            shutil.copy2(adapter / name, work / name)
-        manifest = json.loads((run / "manifest.json").read_text())
-        manifest["name"] = ADAPTERS[run_name]
+        manifest = _manifest(run)
+        chain = lora_chain(run)
+        if len(chain) > 1:
+            from steerserve.training.stack_adapters import write_stacked
+
+            write_stacked(chain, work)
+            for name in os.listdir(work):
+                if name not in ADAPTER_FILES:
+                    os.remove(work / name)
+            manifest["stacked_on"] = [_manifest(adapter.parent) for adapter in chain[:-1]]
+        else:
+            for name in ADAPTER_FILES:
+                shutil.copy2(adapter / name, work / name)
+        manifest["name"] = adapters[run_name]
         (work / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         target = shipped / run_name
         if target.exists():

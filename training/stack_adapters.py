@@ -1,4 +1,4 @@
-"""One LoRA adapter that equals two applied in turn: a run trained on top of another run's merged model.
+"""One LoRA adapter that equals several applied in turn: a run trained on top of another run's merged model.
 
 A DPO run on top of the AC-SFT run learns a LoRA delta for the *merged* AC-SFT model, so serving it on the
 default model takes both deltas. vLLM applies one LoRA per request, and the repo ships adapters, not merged
@@ -7,9 +7,9 @@ checkpoints (hundreds of MB). Two low-rank deltas add up to one of rank ``r1 + r
     s1 * B1 @ A1 + s2 * B2 @ A2 == [s1 * B1 | s2 * B2] @ [A1 ; A2]        (s = lora_alpha / r)
 
 so the stacked adapter has rank ``r1 + r2`` and ``lora_alpha = r1 + r2`` (scaling 1), the union of both
-adapters' target modules and layers, and zero factors where only one adapter touches a module. Only plain LoRA
-(no DoRA, rsLoRA, per-module rank or alpha patterns, biases or extra saved modules) is accepted; anything else
-is a ValueError, not a silently wrong adapter::
+adapters' target modules and layers, and zero factors where only one adapter touches a module (a chain of
+three or more stacks the same way). Only plain LoRA (no DoRA, rsLoRA, per-module rank or alpha patterns,
+biases or extra saved modules) is accepted; anything else is a ValueError, not a silently wrong adapter::
 
     python -m steerserve.training.stack_adapters RUNS/acsft/adapter RUNS/dpo-sliders/adapter OUT
 """
@@ -21,6 +21,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 CONFIG_FILE = "adapter_config.json"
@@ -65,24 +66,26 @@ def _factors(adapter: Path) -> dict[str, tuple]:
     return {prefix: (pair[LORA_FACTORS[0]], pair[LORA_FACTORS[1]]) for prefix, pair in modules.items()}
 
 
-def _union(first: list | None, second: list | None) -> list | None:
-    """Union of two target lists, where None means "everything" (PEFT's meaning for layers_to_transform)."""
-    if first is None or second is None:
+def _union(target_lists: list[list | None]) -> list | None:
+    """Union of target lists, where None means "everything" (PEFT's meaning for layers_to_transform)."""
+    if any(targets is None for targets in target_lists):
         return None
-    return sorted(set(first) | set(second))
+    return sorted({target for targets in target_lists for target in targets})
 
 
-def stacked_factors(first: Path, second: Path) -> tuple[dict, dict]:
-    """The stacked config and ``{tensor name: tensor}`` for ``first`` then ``second`` (see module doc)."""
+def stacked_factors(adapters: Sequence[Path]) -> tuple[dict, dict]:
+    """The stacked config and ``{tensor name: tensor}`` for ``adapters`` applied in order (see module doc)."""
     import torch
 
-    configs = [_plain_lora_config(first), _plain_lora_config(second)]
+    if len(adapters) < 2:
+        raise ValueError("stacking takes two or more adapters")
+    configs = [_plain_lora_config(adapter) for adapter in adapters]
     ranks = [int(c["r"]) for c in configs]
     scales = [float(c["lora_alpha"]) / r for c, r in zip(configs, ranks)]
-    factors = [_factors(first), _factors(second)]
+    factors = [_factors(adapter) for adapter in adapters]
     rank = sum(ranks)
     tensors = {}
-    for prefix in sorted(set(factors[0]) | set(factors[1])):
+    for prefix in sorted(set().union(*factors)):
         present = [f[prefix] for f in factors if prefix in f]
         in_features, out_features = present[0][0].shape[1], present[0][1].shape[0]
         a_parts, b_parts = [], []
@@ -90,7 +93,7 @@ def stacked_factors(first: Path, second: Path) -> tuple[dict, dict]:
             if prefix in factor:
                 a, b = factor[prefix]
                 if a.shape[1] != in_features or b.shape[0] != out_features:
-                    raise ValueError(f"{prefix}: the two adapters disagree on the module's shape")
+                    raise ValueError(f"{prefix}: the adapters disagree on the module's shape")
                 a_parts.append(a)
                 b_parts.append(b * scale)
             else:
@@ -102,28 +105,34 @@ def stacked_factors(first: Path, second: Path) -> tuple[dict, dict]:
     config.update(
         r=rank,
         lora_alpha=rank,
-        target_modules=sorted(set(configs[0]["target_modules"]) | set(configs[1]["target_modules"])),
-        layers_to_transform=_union(configs[0].get("layers_to_transform"), configs[1].get("layers_to_transform")),
+        target_modules=sorted({module for c in configs for module in c["target_modules"]}),
+        layers_to_transform=_union([c.get("layers_to_transform") for c in configs]),
     )
     return config, tensors
 
 
-def stack_adapters(first: Path, second: Path, output: Path, *, force: bool = False) -> Path:
-    """Write the adapter equal to ``first`` then ``second`` to ``output`` (atomically; refuses to overwrite
-    a finished one unless ``force``). The tokenizer files of ``second`` travel with it."""
+def write_stacked(adapters: Sequence[Path], directory: Path) -> None:
+    """Write the stacked adapter into the existing ``directory`` (not atomic: callers write into a temp dir).
+    The last adapter's tokenizer files travel with it."""
     from safetensors.torch import save_file
 
+    config, tensors = stacked_factors(adapters)
+    for item in adapters[-1].iterdir():
+        if item.is_file() and item.name not in (CONFIG_FILE, WEIGHTS_FILE):
+            shutil.copy2(item, directory / item.name)
+    save_file(tensors, str(directory / WEIGHTS_FILE))
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def stack_adapters(adapters: Sequence[Path], output: Path, *, force: bool = False) -> Path:
+    """Write the adapter equal to ``adapters`` applied in order to ``output`` (atomically; refuses to overwrite
+    a finished one unless ``force``)."""
     if (output / CONFIG_FILE).exists() and not force:
         raise FileExistsError(f"{output} already holds an adapter; pass force=True to replace it")
-    config, tensors = stacked_factors(first, second)
     output.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
-        for item in second.iterdir():
-            if item.is_file() and item.name not in (CONFIG_FILE, WEIGHTS_FILE):
-                shutil.copy2(item, work / item.name)
-        save_file(tensors, str(work / WEIGHTS_FILE))
-        (work / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        write_stacked(adapters, work)
         if output.exists():
             shutil.rmtree(output)
         os.replace(work, output)
@@ -133,6 +142,7 @@ def stack_adapters(first: Path, second: Path, output: Path, *, force: bool = Fal
 
 
 if __name__ == "__main__":
-    if len(sys.argv) not in (4, 5) or (len(sys.argv) == 5 and sys.argv[4] != "--force"):
-        sys.exit("usage: python -m steerserve.training.stack_adapters FIRST_ADAPTER SECOND_ADAPTER OUTPUT [--force]")
-    print(stack_adapters(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), force=len(sys.argv) == 5))
+    arguments = [a for a in sys.argv[1:] if a != "--force"]
+    if len(arguments) < 3:
+        sys.exit("usage: python -m steerserve.training.stack_adapters ADAPTER ADAPTER [ADAPTER ...] OUTPUT [--force]")
+    print(stack_adapters([Path(a) for a in arguments[:-1]], Path(arguments[-1]), force="--force" in sys.argv))

@@ -30,7 +30,7 @@ def test_stacked_adapter_equals_the_two_applied_in_turn(tiny_model_dir: Path, tm
     # with another rank and alpha and on one layer only, so the union of layers and zero padding are exercised.
     first = make_adapter(tiny_model_dir, tmp_path / "acsft", seed=1, merged=True, rank=4)
     second = make_adapter(first, tmp_path / "dpo", seed=2, rank=8, layers_to_transform=[1])
-    stacked = stack_adapters(first / "adapter", second, tmp_path / "stacked")
+    stacked = stack_adapters([first / "adapter", second], tmp_path / "stacked")
 
     config = json.loads((stacked / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], config["layers_to_transform"]) == (12, 12, None)
@@ -50,13 +50,13 @@ def test_stacking_refuses_what_it_cannot_stack_exactly_and_keeps_a_finished_outp
     plain = make_adapter(tiny_model_dir, tmp_path / "plain", seed=1, rank=4)
     dora = make_adapter(tiny_model_dir, tmp_path / "dora", seed=2, rank=4, use_dora=True)
     with pytest.raises(ValueError, match="use_dora"):
-        stack_adapters(plain, dora, tmp_path / "out")
+        stack_adapters([plain, dora], tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
-    out = stack_adapters(plain, plain, tmp_path / "twice")
+    out = stack_adapters([plain, plain], tmp_path / "twice")
     before = (out / "adapter_model.safetensors").read_bytes()
     with pytest.raises(FileExistsError, match="force"):
-        stack_adapters(plain, plain, out)
+        stack_adapters([plain, plain], out)
     assert (out / "adapter_model.safetensors").read_bytes() == before
-    stack_adapters(plain, plain, out, force=True)
+    stack_adapters([plain, plain], out, force=True)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left behind

@@ -43,3 +43,25 @@ def test_serve_without_models_adds_the_shipped_adapters(tmp_path: Path) -> None:
     assert [s.path for s in specs] == ["default", str(shipped / "acsft")]
     assert specs[1].base == "smollm2-135m-instruct" and specs[0].base is None
     assert [s.path for s in default_model_specs(tmp_path / "nothing")] == ["default"]
+
+
+def test_a_run_trained_on_another_lora_run_ships_as_one_stacked_adapter(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from adapter_helpers import make_adapter
+    from steerserve.steered_default import lora_chain
+
+    runs, shipped = tmp_path / "runs", tmp_path / "models"
+    acsft = make_adapter(tiny_model_dir, runs / "acsft", seed=1, merged=True, rank=4,
+                         manifest={"recipe": "acsft", "base_model": str(tiny_model_dir)})
+    dpo = make_adapter(acsft, runs / "dpo-sliders", seed=2, merged=True, rank=8,
+                       manifest={"recipe": "dpo", "base_model": str(acsft)})
+    assert lora_chain(dpo) == [acsft / "adapter", dpo / "adapter"] and lora_chain(acsft) == [acsft / "adapter"]
+    written = package(runs, shipped, adapters={"dpo-sliders": "steered"})
+    assert written == [shipped / "dpo-sliders"]
+    config = json.loads((shipped / "dpo-sliders" / "adapter_config.json").read_text())
+    manifest = json.loads((shipped / "dpo-sliders" / "manifest.json").read_text())
+    assert config["r"] == config["lora_alpha"] == 12
+    assert manifest["name"] == "steered" and manifest["recipe"] == "dpo"
+    assert [m["recipe"] for m in manifest["stacked_on"]] == ["acsft"]
+    assert sorted(f.name for f in (shipped / "dpo-sliders").iterdir()) == ["adapter_config.json",
+                                                                            "adapter_model.safetensors",
+                                                                            "manifest.json"]
