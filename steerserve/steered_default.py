@@ -58,6 +58,7 @@ def package(runs: Path, shipped: Path = SHIPPED_DIR, adapters: Mapping[str, str]
             continue
         shipped.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{run_name}.", dir=shipped))
+        work.chmod(0o755)  # mkdtemp makes it owner-only; the output is read by whoever serves it
         manifest = _manifest(run)
         chain = lora_chain(run)
         if len(chain) > 1:

@@ -131,6 +131,7 @@ def stack_adapters(adapters: Sequence[Path], output: Path, *, force: bool = Fals
         raise FileExistsError(f"{output} already holds an adapter; pass force=True to replace it")
     output.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    work.chmod(0o755)  # mkdtemp makes it owner-only; the output is read by whoever serves it
     try:
         write_stacked(adapters, work)
         if output.exists():

@@ -34,7 +34,7 @@ def test_stacked_adapter_equals_the_two_applied_in_turn(tiny_model_dir: Path, tm
 
     config = json.loads((stacked / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], config["layers_to_transform"]) == (12, 12, None)
-    assert (stacked / "tokenizer.json").is_file()
+    assert (stacked / "tokenizer.json").is_file() and stacked.stat().st_mode & 0o777 == 0o755
     expected = _merged_weights(tiny_model_dir, first / "adapter", second)
     got = _merged_weights(tiny_model_dir, stacked)
     for name, tensor in expected.items():

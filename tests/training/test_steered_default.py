@@ -29,6 +29,7 @@ def test_package_ships_adapters_with_manifests_only(tmp_path: Path) -> None:
     assert manifest["name"] == ADAPTERS["acsft"] == "steered" and manifest["steering"] == "described"
     assert shipped_adapters(shipped) == {"steered": shipped / "acsft", "mcq": shipped / "mcq"}
     assert not [p for p in shipped.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
+    assert (shipped / "acsft").stat().st_mode & 0o777 == 0o755  # readable by whoever serves it
     package(runs, shipped)  # repackaging replaces in place
     assert shipped_adapters(shipped)["steered"] == shipped / "acsft"
 
