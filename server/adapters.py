@@ -20,7 +20,6 @@ import functools
 import hashlib
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from steerserve.prompts import SteeringMethod
 from steerserve.server.engines.base import AdapterConfig, AdaptersUnsupported
 from steerserve.server.settings import ServerSettings, VariantSpec
 from steerserve.server.variants import Variant, build_variant, read_manifest
+from steerserve.staging import staged_directory
 
 logger = logging.getLogger(__name__)
 
@@ -151,12 +151,10 @@ def merge_adapter(base_path: Path, adapter_dir: Path, target: Path) -> Path:
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-    work = target.with_name(target.name + ".partial")
-    shutil.rmtree(work, ignore_errors=True)
-    merged.to(dtype).save_pretrained(work)
-    tokenizer_dir = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base_path
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(work)
-    work.rename(target)
+    with staged_directory(target) as work:
+        merged.to(dtype).save_pretrained(work)
+        tokenizer_dir = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base_path
+        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(work)
     logger.info("merged %s into %s at %s", adapter_dir, base_path, target)
     return target
 

@@ -15,9 +15,9 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from steerserve.staging import staged_directory
 
 logger = logging.getLogger(__name__)
 
@@ -65,9 +65,7 @@ def convert_gguf(gguf: Path, output: Path) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
-    try:
+    with staged_directory(output) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         manifest = {
@@ -79,11 +77,6 @@ def convert_gguf(gguf: Path, output: Path) -> Path:
             "note": "weights dequantized from the packaged Q4_1 GGUF; this bf16 copy is the source of every variant",
         }
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        staging.chmod(0o755)  # mkdtemp makes it private; the checkpoint is not a secret
-        staging.rename(output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return output
 
 

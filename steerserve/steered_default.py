@@ -11,12 +11,12 @@ shipped adapter, the SteerLM one under :data:`STEERED_ID`::
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+
+from steerserve.staging import staged_directory
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "models" / "steered-default"
 # run name -> model id it is served under
@@ -56,28 +56,20 @@ def package(runs: Path, shipped: Path = SHIPPED_DIR, adapters: Mapping[str, str]
         if not (run / "manifest.json").is_file() or not (adapter / "adapter_config.json").is_file():
             print(f"skip {run_name}: no finished LoRA run at {run}", file=sys.stderr)
             continue
-        shipped.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".{run_name}.", dir=shipped))
-        work.chmod(0o755)  # mkdtemp makes it owner-only; the output is read by whoever serves it
         manifest = _manifest(run)
         chain = lora_chain(run)
-        if len(chain) > 1:
-            from steerserve.training.stack_adapters import write_stacked
-
-            write_stacked(chain, work)
-            for name in os.listdir(work):
-                if name not in ADAPTER_FILES:
-                    os.remove(work / name)
-            manifest["stacked_on"] = [_manifest(adapter.parent) for adapter in chain[:-1]]
-        else:
-            for name in ADAPTER_FILES:
-                shutil.copy2(adapter / name, work / name)
-        manifest["name"] = adapters[run_name]
-        (work / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         target = shipped / run_name
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(work, target)
+        with staged_directory(target) as work:
+            if len(chain) > 1:
+                from steerserve.training.stack_adapters import write_stacked
+
+                write_stacked(chain, work, tokenizer=False)
+                manifest["stacked_on"] = [_manifest(adapter.parent) for adapter in chain[:-1]]
+            else:
+                for name in ADAPTER_FILES:
+                    shutil.copy2(adapter / name, work / name)
+            manifest["name"] = adapters[run_name]
+            (work / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         written.append(target)
         print(f"{target}: {sum(f.stat().st_size for f in target.iterdir()) / 1e6:.1f} MB")
     return written

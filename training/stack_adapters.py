@@ -17,12 +17,12 @@ biases or extra saved modules) is accepted; anything else is a ValueError, not a
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+
+from steerserve.staging import staged_directory
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -111,13 +111,13 @@ def stacked_factors(adapters: Sequence[Path]) -> tuple[dict, dict]:
     return config, tensors
 
 
-def write_stacked(adapters: Sequence[Path], directory: Path) -> None:
-    """Write the stacked adapter into the existing ``directory`` (not atomic: callers write into a temp dir).
-    The last adapter's tokenizer files travel with it."""
+def write_stacked(adapters: Sequence[Path], directory: Path, *, tokenizer: bool = True) -> None:
+    """Write the stacked adapter into the existing ``directory`` (not atomic: callers write into a staged
+    directory). With ``tokenizer`` the last adapter's other files (its tokenizer) travel with it."""
     from safetensors.torch import save_file
 
     config, tensors = stacked_factors(adapters)
-    for item in adapters[-1].iterdir():
+    for item in adapters[-1].iterdir() if tokenizer else ():
         if item.is_file() and item.name not in (CONFIG_FILE, WEIGHTS_FILE):
             shutil.copy2(item, directory / item.name)
     save_file(tensors, str(directory / WEIGHTS_FILE))
@@ -129,16 +129,8 @@ def stack_adapters(adapters: Sequence[Path], output: Path, *, force: bool = Fals
     a finished one unless ``force``)."""
     if (output / CONFIG_FILE).exists() and not force:
         raise FileExistsError(f"{output} already holds an adapter; pass force=True to replace it")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    work.chmod(0o755)  # mkdtemp makes it owner-only; the output is read by whoever serves it
-    try:
+    with staged_directory(output) as work:
         write_stacked(adapters, work)
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(work, output)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return output
 
 
