@@ -23,25 +23,27 @@ SHIPPED_DIR = Path(__file__).resolve().parent.parent / "models" / "steered-defau
 ADAPTERS = {"acsft": "steered", "dpo-robust": "dpo-robust", "dpo-sigmoid": "dpo-sigmoid", "mcq": "mcq"}
 STEERED_ID = "steered"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+MAX_CHAIN = 8  # LoRA runs trained on top of each other that package stacks; more is surely a manifest loop
 
 
-MAX_CHAIN = 8
+def _lora_base(run: Path) -> Path | None:
+    """The finished LoRA run that ``run`` was trained on top of (its manifest's ``base_model``), if it is one."""
+    from steerserve.training.manifest import read_manifest
 
-
-def _manifest(run: Path) -> dict:
-    return json.loads((run / "manifest.json").read_text())
+    base = read_manifest(run).get("base_model")
+    if base and (Path(base) / "adapter" / "adapter_config.json").is_file() and (Path(base) / "manifest.json").is_file():
+        return Path(base)
+    return None
 
 
 def lora_chain(run: Path) -> list[Path]:
     """The adapters that serve ``run`` on the default model, in the order they apply: the adapters of the LoRA
-    runs it was trained on top of (its manifest's ``base_model``, recursively), then its own."""
+    runs it was trained on top of (recursively), then its own."""
     chain = [run / "adapter"]
-    base = Path(_manifest(run).get("base_model") or "/nonexistent")
-    while (base / "adapter" / "adapter_config.json").is_file() and (base / "manifest.json").is_file():
+    while (base := _lora_base(chain[0].parent)) is not None:
         if len(chain) == MAX_CHAIN:
             raise ValueError(f"{run}: more than {MAX_CHAIN} LoRA runs trained on top of each other")
         chain.insert(0, base / "adapter")
-        base = Path(_manifest(base).get("base_model") or "/nonexistent")
     return chain
 
 
@@ -49,6 +51,8 @@ def package(runs: Path, shipped: Path = SHIPPED_DIR, adapters: Mapping[str, str]
     """Copy each finished run's adapter + manifest into ``shipped`` (atomically per adapter). A run trained on top
     of another LoRA run's merged model ships as one adapter stacked from the chain (exact; see
     ``steerserve.training.stack_adapters``), its manifest listing the runs under it in ``stacked_on``."""
+    from steerserve.training.manifest import read_manifest
+
     written = []
     for run_name in adapters:
         run = runs / run_name
@@ -56,7 +60,7 @@ def package(runs: Path, shipped: Path = SHIPPED_DIR, adapters: Mapping[str, str]
         if not (run / "manifest.json").is_file() or not (adapter / "adapter_config.json").is_file():
             print(f"skip {run_name}: no finished LoRA run at {run}", file=sys.stderr)
             continue
-        manifest = _manifest(run)
+        manifest = read_manifest(run)
         chain = lora_chain(run)
         target = shipped / run_name
         with staged_directory(target) as work:
@@ -64,7 +68,7 @@ def package(runs: Path, shipped: Path = SHIPPED_DIR, adapters: Mapping[str, str]
                 from steerserve.training.stack_adapters import write_stacked
 
                 write_stacked(chain, work, tokenizer=False)
-                manifest["stacked_on"] = [_manifest(adapter.parent) for adapter in chain[:-1]]
+                manifest["stacked_on"] = [read_manifest(adapter.parent) for adapter in chain[:-1]]
             else:
                 for name in ADAPTER_FILES:
                     shutil.copy2(adapter / name, work / name)
