@@ -2,8 +2,9 @@
 
     steerserve bench steerability --variant default --prompts mt_bench --num-prompts 8
 
-For each variant, every prompt is answered (greedy) at each level of one
-slider while the others keep their defaults. Reported per level: mean
+For each variant, every prompt is answered (greedy, or sampled with
+``--temperature``) at each level of one slider while the others keep their
+defaults. Reported per level: mean
 characters and mean Flesch-Kincaid grade (textstat); per slider: Spearman
 correlation between level and measure over all answers. The HelpSteer paper's
 figures are shown beside ours: chars 422 -> 1125 across verbosity, FKGL 8.49 -> 9.10
@@ -32,7 +33,7 @@ from steerserve.benchmarks.servers import BenchTarget
 
 NAME = "steerability"
 RESUMABLE = True
-"""Greedy answers / MCQ scores do not depend on when they ran: an interrupted run goes on (benchmarks.partial)."""
+"""Greedy or seeded answers / MCQ scores do not depend on when they ran: an interrupted run goes on (benchmarks.partial)."""
 LEVELS = (0, 1, 2, 3, 4)
 SWEEPS = {"verbosity": "chars", "complexity": "fkgl"}
 PAPER = {"verbosity": {"chars": {0: 422.0, 4: 1125.0}}, "complexity": {"fkgl": {0: 8.49, 4: 9.10}}}
@@ -53,6 +54,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--repetition-penalty", type=float, default=1.0,
                        help="sent with every answer (default 1: plain greedy). A 135M model loops under greedy "
                             "decoding until the token cap, whatever the slider says; 1.1-1.3 breaks the loops")
+    group.add_argument("--temperature", type=float, default=0.0,
+                       help="sampling temperature (default 0: greedy). Sampled answers are seeded per prompt, the "
+                            "same seed at every level, so levels differ by the slider alone and reruns agree")
+    group.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling with --temperature")
+    group.add_argument("--seed", type=int, default=0, help="seed of prompt 0's answers (prompt i: seed + i)")
 
 
 def held_sliders(text: str) -> dict[str, int]:
@@ -65,9 +71,27 @@ def held_sliders(text: str) -> dict[str, int]:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def decoding(args: argparse.Namespace) -> dict[str, Any]:
+    """Request parameters shared by every answer: greedy unless ``--temperature``; penalty only when asked."""
+    params: dict[str, Any] = {"temperature": args.temperature}
+    if args.temperature > 0:
+        params.update(top_p=args.top_p, seed=args.seed)
+    if args.repetition_penalty != 1.0:
+        params["repetition_penalty"] = args.repetition_penalty
+    return params
+
+
+def describe_decoding(params: dict[str, Any]) -> str:
+    """How the answers were decoded, for the report's first line."""
+    text = (f"sampled at temperature {params['temperature']:g}, top-p {params['top_p']:g}, seed {params['seed']}"
+            " + prompt index" if params["temperature"] > 0 else "greedy")
+    penalty = params.get("repetition_penalty")
+    return text + (f" with repetition penalty {penalty:g}" if penalty else "")
+
+
 async def _answers(target: BenchTarget, prompts: list[str], max_tokens: int, parallel: int,
-                   repetition_penalty: float = 1.0, hold: dict[str, int] | None = None) -> list[dict[str, Any]]:
-    """Every (slider, level, prompt) answered; greedy so reruns agree.
+                   params: dict[str, Any] | None = None, hold: dict[str, int] | None = None) -> list[dict[str, Any]]:
+    """Every (slider, level, prompt) answered with ``params`` (see ``decoding``); greedy or seeded, so reruns agree.
 
     Both sweeps hold the other slider at its default (or its ``hold`` level), so one level of each sweep asks
     the very same request as a level of the other: it is sent once and its answer counted in both.
@@ -85,12 +109,13 @@ async def _answers(target: BenchTarget, prompts: list[str], max_tokens: int, par
     limit = asyncio.Semaphore(parallel)
     bar = tqdm(total=len(requests), desc=f"steerability {target.label}", unit="answer")
 
-    penalty = {"repetition_penalty": repetition_penalty} if repetition_penalty != 1.0 else {}
+    params = dict(params or {"temperature": 0.0})
 
     async def one(client: AsyncSteerClient, name: str, level: int, i: int) -> dict[str, Any]:
+        seeded = {**params, "seed": params["seed"] + i} if "seed" in params else params
         async with limit:
             reply = await client.chat(target.model, prompts[i], attributes={**held, name: level},
-                                      max_tokens=max_tokens, temperature=0.0, **penalty)
+                                      max_tokens=max_tokens, **seeded)
         bar.update(1)
         text = reply.choices[0].message.content
         return {"text": text, "chars": chars(text), "fkgl": fk_grade(text),
@@ -152,8 +177,10 @@ def measure(target: BenchTarget, args: argparse.Namespace) -> dict[str, Any]:
 
     count, max_tokens = sizes(args)
     prompts = load_prompts(args.prompts, count)
-    answers = asyncio.run(_answers(target, prompts, max_tokens, args.parallel, args.repetition_penalty, args.hold))
-    result = {"summary": summarize(answers), "answers": answers, "prompts": prompts, "max_tokens": max_tokens}
+    params = decoding(args)
+    answers = asyncio.run(_answers(target, prompts, max_tokens, args.parallel, params, args.hold))
+    result = {"summary": summarize(answers), "answers": answers, "prompts": prompts, "max_tokens": max_tokens,
+              "decoding": params}
     if args.apm:
         result["default_slider_apm"] = default_slider_quality(args.apm, prompts, answers)
     return result
@@ -191,10 +218,9 @@ def finish(results: dict[str, dict[str, Any]], refs: dict[str, Any],
     """Two tables (chars by verbosity, FKGL by complexity) and the matching two-panel plot."""
     count, max_tokens = sizes(args)
     head = [f"L{lvl}" for lvl in LEVELS]
-    penalty = f" with repetition penalty {args.repetition_penalty:g}" if args.repetition_penalty != 1.0 else ""
     others = "the other sliders at their defaults" + (
         f", except {', '.join(f'{k} {v}' for k, v in args.hold.items())}" if args.hold else "")
-    text = (f"{count} prompts x 5 levels per slider ({others}), greedy{penalty}, max "
+    text = (f"{count} prompts x 5 levels per slider ({others}), {describe_decoding(decoding(args))}, max "
             f"{max_tokens} tokens per answer (truncated = share of answers cut by that cap). Targets: monotone, "
             f"chars x3 from verbosity 0 to 4, +2 grades from complexity 0 to 4. Paper: {PAPER_SOURCE}.\n\n"
             "Mean characters by **verbosity** level\n\n"

@@ -123,6 +123,25 @@ def test_steerability_holds_other_sliders(bench_server, tmp_path: Path, data_fil
     assert "except quality 3, complexity 1" in (tmp_path / "steerability.md").read_text()
 
 
+def test_steerability_sampled_answers_are_seeded(bench_server, tmp_path: Path, data_files) -> None:
+    """--temperature samples with seed + prompt index: the same command gives the same answers, unlike greedy."""
+    prompts, _ = data_files
+    args = ["steerability", "--quick", "--url", bench_server.url, "--prompts", str(prompts), "--num-prompts", "2",
+            "--answer-tokens", "12"]
+    texts = {}
+    for run, extra in (("a", ["--temperature", "1.5", "--seed", "7"]), ("b", ["--temperature", "1.5", "--seed", "7"]),
+                       ("greedy", [])):
+        assert main([*args, *extra, "--output", str(tmp_path / run)]) == 0
+        result = _outputs(tmp_path / run, "steerability")["variants"]["tiny:bf16 (transformers)"]
+        texts[run] = [(a["slider"], a["level"], a["prompt"], a["text"]) for a in result["answers"]]
+        if run == "a":
+            assert result["decoding"] == {"temperature": 1.5, "top_p": 1.0, "seed": 7}
+    assert texts["a"] == texts["b"]
+    assert texts["a"] != texts["greedy"]
+    assert "sampled at temperature 1.5, top-p 1, seed 7 + prompt index" in (tmp_path / "a/steerability.md").read_text()
+    assert ", greedy, max 12 tokens" in (tmp_path / "greedy/steerability.md").read_text()
+
+
 def test_target_check_needs_monotone_and_size() -> None:
     from steerserve.benchmarks.steerability import target_check
 
