@@ -33,7 +33,7 @@ from steerserve.benchmarks.servers import BenchTarget
 
 NAME = "steerability"
 RESUMABLE = True
-"""Greedy or seeded answers / MCQ scores do not depend on when they ran: an interrupted run goes on (benchmarks.partial)."""
+"""Greedy or seeded answers do not depend on when they ran: an interrupted run goes on (benchmarks.partial)."""
 LEVELS = (0, 1, 2, 3, 4)
 SWEEPS = {"verbosity": "chars", "complexity": "fkgl"}
 PAPER = {"verbosity": {"chars": {0: 422.0, 4: 1125.0}}, "complexity": {"fkgl": {0: 8.49, 4: 9.10}}}
