@@ -7,7 +7,8 @@ Without ``--url`` each ``--variant`` spec (default: the default model on vLLM
 and on transformers) is started as its own ``steerserve serve`` process, once
 for all selected benchmarks, then stopped; references run after the last server.
 A ``SUMMARY.md`` gathers every table of the run. Steerability and MCQ keep each finished variant under
-``OUTPUT/.partial/``: the same command run again after an interruption measures only the rest.
+``OUTPUT/.partial/``, steerability each answer too: the same command run again after an interruption measures
+only the rest.
 """
 
 from __future__ import annotations
@@ -67,7 +68,9 @@ def run(args: argparse.Namespace, modules: dict[str, ModuleType]) -> dict[str, d
                 results[name][target.label] = kept[name][target.label]
                 continue
             logger.info("%s on %s", name, target.label)
-            results[name][target.label] = modules[name].measure(target, args)
+            log = ({"answer_log": partial.answer_log(name, target.label)}
+                   if getattr(modules[name], "ANSWER_LOG", False) else {})
+            results[name][target.label] = modules[name].measure(target, args, **log)
             if getattr(modules[name], "RESUMABLE", False):
                 partial.save(name, {**kept[name], **results[name]})
     refs = modules["latency_memory"].references(targets, args) if "latency_memory" in selected else {}

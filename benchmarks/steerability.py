@@ -23,17 +23,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import hashlib
 from typing import Any
 
 from tqdm import tqdm
 
 from steerserve.measures import chars, fk_grade, mean, spearman
+from steerserve.benchmarks.partial import AnswerLog
 from steerserve.benchmarks.report import figure, markdown_table
 from steerserve.benchmarks.servers import BenchTarget
 
 NAME = "steerability"
 RESUMABLE = True
 """Greedy or seeded answers do not depend on when they ran: an interrupted run goes on (benchmarks.partial)."""
+ANSWER_LOG = True
+"""Each answer is logged as it arrives, so a sweep stopped halfway resumes at the answer, not the variant."""
 LEVELS = (0, 1, 2, 3, 4)
 SWEEPS = {"verbosity": "chars", "complexity": "fkgl"}
 PAPER = {"verbosity": {"chars": {0: 422.0, 4: 1125.0}}, "complexity": {"fkgl": {0: 8.49, 4: 9.10}}}
@@ -89,12 +94,20 @@ def describe_decoding(params: dict[str, Any]) -> str:
     return text + (f" with repetition penalty {penalty:g}" if penalty else "")
 
 
+def answer_id(prompt: str, index: int, attributes: tuple[tuple[str, int], ...]) -> str:
+    """A request's name in the answer log: prompt index, its full attribute line, and the prompt's hash."""
+    line = ",".join(f"{name}:{level}" for name, level in attributes)
+    return f"{index}|{line}|{hashlib.sha256(prompt.encode()).hexdigest()[:16]}"
+
+
 async def _answers(target: BenchTarget, prompts: list[str], max_tokens: int, parallel: int,
-                   params: dict[str, Any] | None = None, hold: dict[str, int] | None = None) -> list[dict[str, Any]]:
+                   params: dict[str, Any] | None = None, hold: dict[str, int] | None = None,
+                   answer_log: AnswerLog | None = None) -> list[dict[str, Any]]:
     """Every (slider, level, prompt) answered with ``params`` (see ``decoding``); greedy or seeded, so reruns agree.
 
     Both sweeps hold the other slider at its default (or its ``hold`` level), so one level of each sweep asks
-    the very same request as a level of the other: it is sent once and its answer counted in both.
+    the very same request as a level of the other: it is sent once and its answer counted in both. With an
+    ``answer_log``, answers it holds are not asked again and each new one is logged as it arrives.
     """
     from steerserve.attributes import resolve_attributes
     from steerserve.clients.client import AsyncSteerClient
@@ -106,24 +119,32 @@ async def _answers(target: BenchTarget, prompts: list[str], max_tokens: int, par
 
     jobs = [(name, level, i) for name in SWEEPS for level in LEVELS for i in range(len(prompts))]
     requests = {request_key(*job): job for job in reversed(jobs)}
+    ids = {key: answer_id(prompts[key[0]], *key) for key in requests}
     limit = asyncio.Semaphore(parallel)
-    bar = tqdm(total=len(requests), desc=f"steerability {target.label}", unit="answer")
-
     params = dict(params or {"temperature": 0.0})
 
-    async def one(client: AsyncSteerClient, name: str, level: int, i: int) -> dict[str, Any]:
+    async def one(client: AsyncSteerClient, log: AnswerLog | None, key: Any, name: str, level: int,
+                  i: int) -> dict[str, Any]:
+        if log is not None and ids[key] in log.answers:
+            return log.answers[ids[key]]
         seeded = {**params, "seed": params["seed"] + i} if "seed" in params else params
         async with limit:
             reply = await client.chat(target.model, prompts[i], attributes={**held, name: level},
                                       max_tokens=max_tokens, **seeded)
         bar.update(1)
         text = reply.choices[0].message.content
-        return {"text": text, "chars": chars(text), "fkgl": fk_grade(text),
-                "tokens": reply.usage.completion_tokens, "finish_reason": reply.choices[0].finish_reason}
+        answer = {"text": text, "chars": chars(text), "fkgl": fk_grade(text),
+                  "tokens": reply.usage.completion_tokens, "finish_reason": reply.choices[0].finish_reason}
+        if log is not None:
+            log.append(ids[key], answer)
+        return answer
 
-    async with AsyncSteerClient(target.url) as client:
-        replies = await asyncio.gather(*(one(client, *job) for job in requests.values()))
-    bar.close()
+    with answer_log if answer_log is not None else contextlib.nullcontext() as log:
+        kept = sum(ids[key] in log.answers for key in requests) if log is not None else 0
+        bar = tqdm(total=len(requests), initial=kept, desc=f"steerability {target.label}", unit="answer")
+        async with AsyncSteerClient(target.url) as client:
+            replies = await asyncio.gather(*(one(client, log, key, *job) for key, job in requests.items()))
+        bar.close()
     by_request = dict(zip(requests, replies))
     return [{"slider": name, "level": level, "prompt": i, **by_request[request_key(name, level, i)]}
             for name, level, i in jobs]
@@ -172,13 +193,13 @@ def sizes(args: argparse.Namespace) -> tuple[int, int]:
     return (args.num_prompts or (2 if args.quick else 8), args.answer_tokens or (24 if args.quick else 384))
 
 
-def measure(target: BenchTarget, args: argparse.Namespace) -> dict[str, Any]:
+def measure(target: BenchTarget, args: argparse.Namespace, answer_log: AnswerLog | None = None) -> dict[str, Any]:
     from steerserve.clients.loadgen.prompts import load_prompts
 
     count, max_tokens = sizes(args)
     prompts = load_prompts(args.prompts, count)
     params = decoding(args)
-    answers = asyncio.run(_answers(target, prompts, max_tokens, args.parallel, params, args.hold))
+    answers = asyncio.run(_answers(target, prompts, max_tokens, args.parallel, params, args.hold, answer_log))
     result = {"summary": summarize(answers), "answers": answers, "prompts": prompts, "max_tokens": max_tokens,
               "decoding": params}
     if args.apm:

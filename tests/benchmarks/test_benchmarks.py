@@ -142,6 +142,45 @@ def test_steerability_sampled_answers_are_seeded(bench_server, tmp_path: Path, d
     assert ", greedy, max 12 tokens" in (tmp_path / "greedy/steerability.md").read_text()
 
 
+def test_a_sweep_stopped_mid_variant_goes_on_from_its_logged_answers(bench_server, tmp_path: Path,
+                                                                     data_files) -> None:
+    from steerserve.attributes import resolve_attributes
+    from steerserve.benchmarks.partial import PartialResults
+    from steerserve.benchmarks.steerability import answer_id
+
+    prompts, _ = data_files
+    label = "tiny:bf16 (transformers)"
+
+    def bench(out: Path, *extra: str) -> dict:
+        assert main(["steerability", "--quick", "--url", bench_server.url, "--output", str(out), "--prompts",
+                     str(prompts), "--num-prompts", "1", "--answer-tokens", "8", *extra]) == 0
+        assert not (out / ".partial").exists()  # the answer log goes with the outputs' writing
+        return _outputs(out, "steerability")
+
+    first = bench(tmp_path / "first")
+    texts = first["variants"][label]["prompts"]
+    # The outputs write an undefined grade as null; the log keeps the answer as measured (NaN).
+    answers = [{k: float("nan") if v is None else v for k, v in a.items()} for a in first["variants"][label]["answers"]]
+
+    def logged_id(answer: dict) -> str:
+        line = tuple(sorted(resolve_attributes({answer["slider"]: answer["level"]}).items()))
+        return answer_id(texts[answer["prompt"]], answer["prompt"], line)
+
+    # What a run killed mid-variant leaves: three answers logged (one marked), and a line cut short by the kill.
+    for out, config in ((tmp_path / "again", first["config"]), (tmp_path / "other", {**first["config"], "seed": 9})):
+        with PartialResults(out, config).answer_log("steerability", label) as log:
+            for answer in answers[:3]:
+                log.append(logged_id(answer), {**answer, "text": "LOGGED BEFORE THE KILL"} if answer is answers[0]
+                           else answer)
+        with log.path.open("a") as cut:
+            cut.write('{"id": "0|complexity:0')
+    again = bench(tmp_path / "again")["variants"][label]["answers"]
+    assert [a["text"] for a in again[:1]] == ["LOGGED BEFORE THE KILL"]  # not asked again
+    assert [a["text"] for a in again[1:]] == [a["text"] for a in answers[1:]]  # the rest asked (greedy: the same)
+    other = bench(tmp_path / "other")["variants"][label]["answers"]  # a log of other arguments is not this run's
+    assert [a["text"] for a in other] == [a["text"] for a in answers]
+
+
 def test_target_check_needs_monotone_and_size() -> None:
     from steerserve.benchmarks.steerability import target_check
 
