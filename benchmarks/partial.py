@@ -22,7 +22,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from steerserve.training.output import write_json_atomic, write_text_atomic
+from steerserve.staging import write_text_atomic
+from steerserve.training.output import write_json_atomic
 
 logger = logging.getLogger(__name__)
 

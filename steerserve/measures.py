@@ -33,6 +33,8 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from steerserve.staging import write_text_atomic
+
 logger = logging.getLogger(__name__)
 
 
@@ -67,9 +69,7 @@ def _ensure_cmudict() -> None:
             match = variant.match(raw.split("#")[0].strip())
             if match:
                 lines.append(f"{match.group(1).upper()} {match.group(2) or 1} {match.group(3)}\n")
-        partial = target.with_suffix(".partial")
-        partial.write_text("".join(lines))
-        partial.rename(target)
+        write_text_atomic(target, "".join(lines))
         logger.info("wrote the CMU dictionary for textstat to %s", target)
     nltk.data.path.insert(0, str(root))
 

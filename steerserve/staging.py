@@ -1,8 +1,10 @@
-"""Directories that appear whole or not at all: written in a hidden temp directory beside the target, then renamed.
+"""Files and directories that appear whole or not at all: written beside the target under a hidden name, then
+renamed.
 
 Every writer of a finished directory (shipped and stacked adapters, merged checkpoints, the converted default
 model) goes through :func:`staged_directory`, so an interrupted write never leaves a half-written directory where
-a reader looks, and two writers of one target never share a work directory.
+a reader looks, and two writers of one target never share a work directory; files go through
+:func:`write_text_atomic`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,13 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write through a temp file + rename, so a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 @contextmanager

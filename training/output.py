@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from steerserve.staging import write_text_atomic
 from steerserve.training import distributed
 
 logger = logging.getLogger(__name__)
@@ -33,15 +34,8 @@ class OutputExists(RuntimeError):
     """The output directory holds a finished run (or something else) and ``force`` was not given."""
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write through a temp file + rename, so a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON atomically (``write_text_atomic``)."""
+    """Write JSON through a temp file + rename (``steerserve.staging.write_text_atomic``)."""
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
