@@ -5,8 +5,9 @@ middling reading level, so an attribute-conditioned model trained on them alone
 never sees a short or a very plain answer to the same question. This recipe
 asks the base model for ``samples_per_prompt`` answers to every prompt, each
 under a different plain-language verbosity and complexity instruction (the
-shared renderer's ``instructions`` method; every prompt gets every verbosity
-level and every complexity level once) and temperature. The instructions only
+shared renderer's ``instructions`` method; every five samples give a prompt
+every verbosity and every complexity level once, each round in new pairs) and
+temperature. The instructions only
 spread the samples: the labels come later, *measured* (``annotate`` with
 ``measured: [verbosity, complexity]``) and predicted by the APM, never copied
 from the instruction::
@@ -83,8 +84,10 @@ def sample_plan(prompts: Sequence[str], config: BootstrapConfig) -> list[dict[st
         verbosity = rng.sample(range(LEVELS), LEVELS)
         complexity = rng.sample(range(LEVELS), LEVELS)
         for s in range(config.samples_per_prompt):
+            # Each round of five shifts the complexity pairing by one (a Latin square): ten samples cover ten
+            # distinct (verbosity, complexity) cells of a prompt, not the same five twice.
             plan.append({"prompt": prompt, "instructed": {"verbosity": verbosity[s % LEVELS],
-                                                          "complexity": complexity[s % LEVELS]},
+                                                          "complexity": complexity[(s + s // LEVELS) % LEVELS]},
                          "temperature": rng.choice(config.temperatures), "seed": config.seed * 1_000_003 + p * 97 + s})
     return plan
 

@@ -37,6 +37,16 @@ def test_plan_covers_every_level_per_prompt() -> None:
     assert plan == sample_plan(["p0", "p1"], config)  # deterministic by seed
 
 
+def test_a_second_round_of_samples_pairs_the_levels_anew() -> None:
+    config = load_config(BootstrapConfig, None, ["data=x.jsonl", "data_format=oasst", "samples_per_prompt=10"])
+    plan = sample_plan(["p0", "p1", "p2"], config)
+    for prompt in ("p0", "p1", "p2"):
+        cells = [(e["instructed"]["verbosity"], e["instructed"]["complexity"]) for e in plan if e["prompt"] == prompt]
+        assert len(cells) == 10 and len(set(cells)) == 10
+        for name in (0, 1):
+            assert sorted(cell[name] for cell in cells) == [level for level in range(5) for _ in (0, 1)]
+
+
 def test_bootstrap_config_errors_name_the_field() -> None:
     with pytest.raises(ConfigError, match="engine"):
         load_config(BootstrapConfig, None, ["data=x.jsonl", "data_format=oasst", "engine=tgi"])
