@@ -7,10 +7,9 @@ asks the base model for ``samples_per_prompt`` answers to every prompt, each
 under a different plain-language verbosity and complexity instruction (the
 shared renderer's ``instructions`` method; every five samples give a prompt
 every verbosity and every complexity level once, each round in new pairs) and
-temperature. The instructions only
-spread the samples: the labels come later, *measured* (``annotate`` with
-``measured: [verbosity, complexity]``) and predicted by the APM, never copied
-from the instruction::
+temperature. The instructions only spread the samples: the labels come later,
+*measured* (``annotate`` with ``measured: [verbosity, complexity]``) and
+predicted by the APM, never copied from the instruction::
 
     steerserve train bootstrap --config training/recipes/bootstrap-default.yaml --output runs/bootstrap
     # -> runs/bootstrap/samples.jsonl: {"prompt", "response", "source": "model"|"human", "instructed", ...}

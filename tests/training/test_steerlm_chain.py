@@ -43,8 +43,8 @@ def test_a_second_round_of_samples_pairs_the_levels_anew() -> None:
     for prompt in ("p0", "p1", "p2"):
         cells = [(e["instructed"]["verbosity"], e["instructed"]["complexity"]) for e in plan if e["prompt"] == prompt]
         assert len(cells) == 10 and len(set(cells)) == 10
-        for name in (0, 1):
-            assert sorted(cell[name] for cell in cells) == [level for level in range(5) for _ in (0, 1)]
+        for axis in (0, 1):  # verbosity, complexity: each level twice
+            assert sorted(cell[axis] for cell in cells) == [level for level in range(5) for _ in (0, 1)]
 
 
 def test_bootstrap_config_errors_name_the_field() -> None:
