@@ -18,6 +18,9 @@ verbosity or complexity), following the HelpSteer annotation guidelines' wording
   word count as a quantile among the responses to the same prompt (the prompt is
   the category), in fifths; prompts with fewer than :data:`MIN_GROUP` responses
   are ranked against all responses instead.
+* relative complexity - the Flesch-Kincaid grade ranked the same way among the
+  responses to the same prompt (:func:`relative_complexity_levels`): a training
+  label for "plainer or more technical than the other answers to this question".
 
 ``spearman`` ranks ties by their average rank (as scipy does), so repeated
 levels - five answers per slider level - are handled correctly.
@@ -148,13 +151,29 @@ def _quantile_level(value: float, population: Sequence[float]) -> int:
     return min(LEVELS - 1, int(fraction * LEVELS))
 
 
+def group_levels(values: Sequence[float], groups: Sequence[str]) -> list[int]:
+    """Level 0-4 per value: its quantile among the values of its group, or among all values where the group
+    has fewer than :data:`MIN_GROUP` members."""
+    members: dict[str, list[float]] = {}
+    for group, value in zip(groups, values, strict=True):
+        members.setdefault(group, []).append(value)
+    return [
+        _quantile_level(value, members[group] if len(members[group]) >= MIN_GROUP else values)
+        for group, value in zip(groups, values)
+    ]
+
+
 def verbosity_levels(texts: Sequence[str], groups: Sequence[str]) -> list[int]:
     """Verbosity 0-4 per text: its length quantile among the texts of its group (see the module doc)."""
-    lengths = [float(words(text)) for text in texts]
-    members: dict[str, list[float]] = {}
-    for group, length in zip(groups, lengths, strict=True):
-        members.setdefault(group, []).append(length)
-    return [
-        _quantile_level(length, members[group] if len(members[group]) >= MIN_GROUP else lengths)
-        for group, length in zip(groups, lengths)
-    ]
+    return group_levels([float(words(text)) for text in texts], groups)
+
+
+def relative_complexity_levels(texts: Sequence[str], groups: Sequence[str]) -> list[int]:
+    """Complexity 0-4 per text as its Flesch-Kincaid grade's quantile among the texts of its group.
+
+    The absolute scale (:func:`complexity_level`) ties a label to the question as much as to the answer: replies
+    about chemistry read at grade 14 however plainly they are put, so a model trained on it learns which topics
+    are hard, not how to say one thing plainly. Ranked within a prompt's replies, like verbosity, the label says
+    which of them is plainer. An empty text ranks lowest."""
+    grades = [fk_grade(text) for text in texts]
+    return group_levels([-math.inf if math.isnan(grade) else grade for grade in grades], groups)

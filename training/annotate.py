@@ -45,6 +45,10 @@ class AnnotateConfig(CommonConfig):
     max_length: int = option(512, "Longest tokenized conversation (the start is cut, the end kept).")
     measured: list[str] = option([], "Attributes labelled by measurement instead of the APM: verbosity (length "
                                      "quantile among the prompt's replies), complexity (Flesch-Kincaid grade).")
+    complexity_scale: str = option("absolute", "Measured complexity: absolute (the grade bucketed at school stages "
+                                               "4/7/10/13) or relative (the grade's quantile among the prompt's "
+                                               "replies, as for verbosity: plain vs technical answers to one "
+                                               "question, not easy vs hard questions).")
     calibrate: bool = option(False, "Give the APM's predictions the level shares of the labels it learned from "
                                     "(read from its manifest), keeping its ranking: a regression head pulls "
                                     "toward the mean, so plain rounding leaves levels 0 and 4 almost empty.")
@@ -52,6 +56,7 @@ class AnnotateConfig(CommonConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.check_choice("data_format", FORMATS)
+        self.check_choice("complexity_scale", COMPLEXITY_SCALES)
         self.check_positive("batch_size", "max_length")
         unknown = [name for name in self.attributes if name not in ATTRIBUTE_NAMES]
         if unknown:
@@ -65,20 +70,25 @@ class AnnotateConfig(CommonConfig):
 
 
 MEASURABLE = ("verbosity", "complexity")
+COMPLEXITY_SCALES = ("absolute", "relative")
 
 
-def measured_levels(rows: Sequence[dict[str, Any]], names: Sequence[str]) -> list[dict[str, int]]:
-    """The measurable labels of every row (verbosity needs all rows: it ranks replies to one prompt)."""
-    from steerserve.measures import complexity_level, verbosity_levels
+def measured_levels(rows: Sequence[dict[str, Any]], names: Sequence[str],
+                    complexity_scale: str = "absolute") -> list[dict[str, int]]:
+    """The measurable labels of every row (verbosity, and relative complexity, need all rows: they rank the
+    replies to one prompt)."""
+    from steerserve.measures import complexity_level, relative_complexity_levels, verbosity_levels
 
+    texts, prompts = [r["response"] for r in rows], [r["prompt"] for r in rows]
     per_row: list[dict[str, int]] = [{} for _ in rows]
     if "verbosity" in names:
-        for labels, level in zip(per_row, verbosity_levels([r["response"] for r in rows],
-                                                           [r["prompt"] for r in rows])):
+        for labels, level in zip(per_row, verbosity_levels(texts, prompts)):
             labels["verbosity"] = level
     if "complexity" in names:
-        for labels, row in zip(per_row, rows):
-            labels["complexity"] = complexity_level(row["response"])
+        levels = (relative_complexity_levels(texts, prompts) if complexity_scale == "relative"
+                  else [complexity_level(text) for text in texts])
+        for labels, level in zip(per_row, levels):
+            labels["complexity"] = level
     return per_row
 
 
@@ -107,7 +117,7 @@ def annotate_rows(config: AnnotateConfig, rows: list[dict[str, Any]], model: Any
     """Append annotations for the rows not yet in ``out``; returns how many were already there."""
     from tqdm.auto import tqdm
 
-    measured = measured_levels(rows, config.measured)
+    measured = measured_levels(rows, config.measured, config.complexity_scale)
     done = len(complete_lines(out))
     if done:
         logger.info("resuming: %d of %d rows already annotated in %s", done, len(rows), out)

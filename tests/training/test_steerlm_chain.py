@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from training_helpers import FAST, run_recipe
 
-from steerserve.measures import FK_GRADE_BOUNDS, complexity_level, fk_grade, verbosity_levels
+from steerserve.measures import (FK_GRADE_BOUNDS, complexity_level, fk_grade, relative_complexity_levels,
+                                 verbosity_levels)
 from steerserve.prompts import ATTRIBUTE_TURN, SteeringMethod, render_chat, steering_instruction
 from steerserve.training.bootstrap import BootstrapConfig, sample_plan
 from steerserve.training.config import ConfigError, load_config
@@ -91,6 +92,22 @@ def test_measured_labels_follow_their_definitions() -> None:
     assert verbosity_levels(texts, ["p"] * 5 + ["lonely"]) == [0, 1, 2, 3, 4, 2]
 
 
+def test_relative_complexity_ranks_a_reply_among_its_prompts_replies() -> None:
+    # five replies to a chemistry question, every one of them hard to read, and one to a child's question
+    chemistry = [
+        "Oxidation transfers electrons between reacting chemical species.",
+        "Oxidation transfers electrons.",
+        "Electrochemical oxidation transfers electrons between reacting chemical species.",
+        "Electrochemical oxidation irreversibly transfers electrons between heterogeneous reacting species.",
+        "Electrochemical oxidation irreversibly transfers delocalised electrons between heterogeneous "
+        "intermolecular reacting species.",
+    ]
+    assert all(complexity_level(text) >= 3 for text in chemistry)  # the absolute scale calls them all hard
+    levels = relative_complexity_levels([*chemistry, "The cat sat on the mat."], ["chem"] * 5 + ["cat"])
+    assert levels == [0, 1, 2, 3, 4, 0]  # the plainest chemistry reply is level 0; a lone reply ranks against all
+    assert relative_complexity_levels(["", *chemistry[1:]], ["chem"] * 5)[0] == 0  # an empty reply ranks lowest
+
+
 def test_annotate_measures_verbosity_and_complexity(tmp_path: Path, apm_run: Path, bootstrap_run: Path) -> None:
     out = run_recipe("annotate", tmp_path / "ann", [f"model={apm_run}", f"data={bootstrap_run / 'samples.jsonl'}",
                                                     "data_format=helpsteer", "measured=[verbosity, complexity]"])
@@ -108,6 +125,16 @@ def test_annotate_measures_verbosity_and_complexity(tmp_path: Path, apm_run: Pat
     with pytest.raises(ConfigError, match="measured"):
         run_recipe("annotate", tmp_path / "bad", [f"model={apm_run}", "data=x.jsonl", "data_format=helpsteer",
                                                  "measured=[humor]"])
+    relative = run_recipe("annotate", tmp_path / "relative", [
+        f"model={apm_run}", f"data={bootstrap_run / 'samples.jsonl'}", "data_format=helpsteer",
+        "measured=[verbosity, complexity]", "complexity_scale=relative"])
+    relative_lines = [json.loads(line) for line in (relative / "annotations.jsonl").read_text().splitlines()]
+    assert [line["attributes"]["complexity"] for line in relative_lines] == relative_complexity_levels(
+        [r["response"] for r in rows], [r["prompt"] for r in rows])
+    assert [line["attributes"]["verbosity"] for line in relative_lines] == expected
+    with pytest.raises(ConfigError, match="complexity_scale"):
+        run_recipe("annotate", tmp_path / "bad", [f"model={apm_run}", "data=x.jsonl", "data_format=helpsteer",
+                                                 "complexity_scale=grade"])
 
     # few finished replies, some of them long human ones: train on all of them
     acsft = run_recipe("acsft", tmp_path / "acsft", ["model=tiny", f"data={out / 'annotations.jsonl'}",
