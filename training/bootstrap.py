@@ -24,11 +24,12 @@ import dataclasses
 import json
 import logging
 import random
+import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from steerserve.measures import LEVELS, chars, words
+from steerserve.measures import LEVELS, chars, fk_grade, words
 from steerserve.prompts import SteeringMethod
 from steerserve.training import distributed, runner
 from steerserve.training.config import CommonConfig, ConfigError, option
@@ -111,6 +112,20 @@ def level_spread(samples: Sequence[dict[str, Any]]) -> dict[str, dict[int, float
     return spread
 
 
+def grade_spread(samples: Sequence[dict[str, Any]]) -> dict[int, float]:
+    """Median Flesch-Kincaid grade of the finished samples per instructed complexity level.
+
+    Tells before any training whether the instructions spread reading level at all (complexity labels are
+    measured, so the AC-SFT set can only hold the spread the samples have). The median, because one run-on
+    reply without a full stop scores grade 40 or more; capped replies are left out as annotate leaves them out.
+    """
+    by_level: dict[int, list[float]] = {}
+    for row in samples:
+        if row["finish_reason"] != "length":
+            by_level.setdefault(row["instructed"]["complexity"], []).append(fk_grade(row["response"]))
+    return {level: round(statistics.median(grades), 1) for level, grades in sorted(by_level.items())}
+
+
 def run(config: BootstrapConfig, output: Path, force: bool = False,
         callbacks: Sequence[Callable[[int], None]] = ()) -> Path:
     """Sample, write ``samples.jsonl`` (model + optionally human replies) and the manifest."""
@@ -139,7 +154,8 @@ def run(config: BootstrapConfig, output: Path, force: bool = False,
     metrics = {"prompts": len(prompts), "model_samples": len(model_rows), "empty_samples": len(plan) - len(model_rows),
                "human_responses": len(human_rows),
                "cut_at_max_tokens": sum(r["finish_reason"] == "length" for r in model_rows),
-               "mean_chars_by_instructed_level": level_spread(model_rows)}
+               "mean_chars_by_instructed_level": level_spread(model_rows),
+               "median_fk_grade_by_instructed_complexity": grade_spread(model_rows)}
     runner.drop_base(work)
     manifest = build_manifest(RECIPE, config, base_model=base_name,
                               data=[data_entry(config.data, report, config.data_format)], metrics=metrics,

@@ -13,7 +13,7 @@ from training_helpers import FAST, run_recipe
 from steerserve.measures import (FK_GRADE_BOUNDS, complexity_level, fk_grade, relative_complexity_levels,
                                  verbosity_levels)
 from steerserve.prompts import ATTRIBUTE_TURN, SteeringMethod, render_chat, steering_instruction
-from steerserve.training.bootstrap import BootstrapConfig, sample_plan
+from steerserve.training.bootstrap import BootstrapConfig, grade_spread, sample_plan
 from steerserve.training.config import ConfigError, load_config
 from steerserve.training.manifest import read_manifest
 from steerserve.training.sampling import sample
@@ -48,6 +48,14 @@ def test_a_second_round_of_samples_pairs_the_levels_anew() -> None:
             assert sorted(cell[axis] for cell in cells) == [level for level in range(5) for _ in (0, 1)]
 
 
+def test_grade_spread_is_the_median_grade_of_finished_samples() -> None:
+    plain, technical = "The cat sat. It was big.", "Thermodynamic irreversibility characterises macroscopic processes."
+    samples = [{"response": text, "instructed": {"complexity": level}, "finish_reason": finish}
+               for text, level, finish in [(plain, 0, "stop"), (plain, 0, "stop"), (technical, 0, "stop"),
+                                           (technical, 4, "stop"), (plain, 4, "length")]]
+    assert grade_spread(samples) == {0: round(fk_grade(plain), 1), 4: round(fk_grade(technical), 1)}
+
+
 def test_bootstrap_config_errors_name_the_field() -> None:
     with pytest.raises(ConfigError, match="engine"):
         load_config(BootstrapConfig, None, ["data=x.jsonl", "data_format=oasst", "engine=tgi"])
@@ -65,6 +73,10 @@ def test_bootstrap_writes_model_and_human_rows(bootstrap_run: Path) -> None:
     metrics = read_manifest(bootstrap_run)["metrics"]
     assert metrics["prompts"] == 3 and metrics["model_samples"] == len(model_rows)
     assert set(metrics["mean_chars_by_instructed_level"]["verbosity"]) <= {"0", "1", "2", "3", "4"}
+    grades = metrics["median_fk_grade_by_instructed_complexity"]
+    finished = [r for r in model_rows if r["finish_reason"] == "stop"]
+    assert set(grades) == {str(r["instructed"]["complexity"]) for r in finished}
+    assert all(isinstance(g, float) for g in grades.values())
     assert not (bootstrap_run / "samples.part.jsonl").exists()
 
 
