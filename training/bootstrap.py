@@ -101,15 +101,19 @@ def render_requests(plan: Sequence[dict[str, Any]], tokenizer: Any, config: Boot
              "seed": entry["seed"]} for entry in plan]
 
 
+def by_instructed_level(samples: Sequence[dict[str, Any]], name: str,
+                        measure: Callable[[str], float]) -> dict[int, list[float]]:
+    """``measure`` of each sample's response, grouped by the level of ``name`` it was instructed at."""
+    grouped: dict[int, list[float]] = {}
+    for row in samples:
+        grouped.setdefault(row["instructed"][name], []).append(measure(row["response"]))
+    return dict(sorted(grouped.items()))
+
+
 def level_spread(samples: Sequence[dict[str, Any]]) -> dict[str, dict[int, float]]:
     """Mean characters per instructed level: did the instructions spread the samples at all?"""
-    spread: dict[str, dict[int, float]] = {}
-    for name in ("verbosity", "complexity"):
-        by_level: dict[int, list[int]] = {}
-        for row in samples:
-            by_level.setdefault(row["instructed"][name], []).append(chars(row["response"]))
-        spread[name] = {level: round(sum(v) / len(v), 1) for level, v in sorted(by_level.items())}
-    return spread
+    return {name: {level: round(sum(v) / len(v), 1) for level, v in by_instructed_level(samples, name, chars).items()}
+            for name in ("verbosity", "complexity")}
 
 
 def grade_spread(samples: Sequence[dict[str, Any]]) -> dict[int, float]:
@@ -119,11 +123,9 @@ def grade_spread(samples: Sequence[dict[str, Any]]) -> dict[int, float]:
     measured, so the AC-SFT set can only hold the spread the samples have). The median, because one run-on
     reply without a full stop scores grade 40 or more; capped replies are left out as annotate leaves them out.
     """
-    by_level: dict[int, list[float]] = {}
-    for row in samples:
-        if row["finish_reason"] != "length":
-            by_level.setdefault(row["instructed"]["complexity"], []).append(fk_grade(row["response"]))
-    return {level: round(statistics.median(grades), 1) for level, grades in sorted(by_level.items())}
+    finished = [row for row in samples if row["finish_reason"] != "length"]
+    return {level: round(statistics.median(grades), 1)
+            for level, grades in by_instructed_level(finished, "complexity", fk_grade).items()}
 
 
 def run(config: BootstrapConfig, output: Path, force: bool = False,
