@@ -41,10 +41,13 @@ class BenchTarget:
     root: str
     spec: str | None = None
     """The ``--model`` spec the benchmark started it with; None for a server it was given."""
+    reading_level_guidance: float = 0.0
+    """How hard the server pushes the complexity slider while decoding (its model card; 0: not at all)."""
 
     @property
     def label(self) -> str:
-        return f"{self.model} ({self.engine})"
+        guided = f", reading-level guidance {self.reading_level_guidance:g}" if self.reading_level_guidance else ""
+        return f"{self.model} ({self.engine}{guided})"
 
 
 def free_port() -> int:
@@ -86,7 +89,7 @@ def model_cards(url: str) -> list[dict]:
 
 def _target(url: str, card: dict, spec: str | None) -> BenchTarget:
     return BenchTarget(url=url, model=card["id"], engine=card["engine"], precision=card["precision"],
-                       root=card["root"], spec=spec)
+                       root=card["root"], spec=spec, reading_level_guidance=card.get("reading_level_guidance", 0.0))
 
 
 @contextmanager

@@ -94,10 +94,12 @@ def describe_decoding(params: dict[str, Any]) -> str:
     return text + (f" with repetition penalty {penalty:g}" if penalty else "")
 
 
-def answer_id(prompt: str, index: int, attributes: tuple[tuple[str, int], ...]) -> str:
-    """A request's name in the answer log: prompt index, its full attribute line, and the prompt's hash."""
+def answer_id(prompt: str, index: int, attributes: tuple[tuple[str, int], ...], guidance: float = 0.0) -> str:
+    """A request's name in the answer log: prompt index, its full attribute line, and the prompt's hash; and the
+    server's reading-level guidance where on, so answers decoded with another strength are never reused."""
     line = ",".join(f"{name}:{level}" for name, level in attributes)
-    return f"{index}|{line}|{hashlib.sha256(prompt.encode()).hexdigest()[:16]}"
+    guided = f"|guidance:{guidance:g}" if guidance else ""
+    return f"{index}|{line}|{hashlib.sha256(prompt.encode()).hexdigest()[:16]}{guided}"
 
 
 async def _answers(target: BenchTarget, prompts: list[str], max_tokens: int, parallel: int,
@@ -119,7 +121,7 @@ async def _answers(target: BenchTarget, prompts: list[str], max_tokens: int, par
 
     jobs = [(name, level, i) for name in SWEEPS for level in LEVELS for i in range(len(prompts))]
     requests = {request_key(*job): job for job in reversed(jobs)}
-    ids = {key: answer_id(prompts[key[0]], *key) for key in requests}
+    ids = {key: answer_id(prompts[key[0]], *key, target.reading_level_guidance) for key in requests}
     limit = asyncio.Semaphore(parallel)
     params = dict(params or {"temperature": 0.0})
 

@@ -26,7 +26,7 @@ from typing import Any
 from steerserve.prompts import SteeringMethod
 from steerserve.server.engines.base import AdapterConfig, AdaptersUnsupported
 from steerserve.server.settings import ServerSettings, VariantSpec
-from steerserve.server.variants import Variant, build_variant, read_manifest
+from steerserve.server.variants import Variant, build_variant, guidance_strength, read_manifest
 from steerserve.staging import staged_directory
 
 logger = logging.getLogger(__name__)
@@ -101,6 +101,7 @@ def build_adapter_variant(spec: VariantSpec, settings: ServerSettings, base: Var
                 base, id=model_id, path=source.adapter_dir, engine=engine, manifest=source.manifest,
                 steering=SteeringMethod(steering) if steering else None, tokenizer=None, ready=False, error=None,
                 tokenizer_path=tokenizer, base=base.id, served_as="lora", served_as_reason=None, prepare=None,
+                reading_level_guidance=guidance_strength(spec, settings), reading_guide=None, _complexity_bias={},
             )
     return _merged_variant(spec, settings, base, source, model_id, reason)
 

@@ -128,12 +128,19 @@ def model_card(variant: Variant) -> ModelCard:
         adapter=variant.base is not None,
         served_as=variant.served_as,
         served_as_reason=variant.served_as_reason,
+        reading_level_guidance=variant.reading_level_guidance,
     )
 
 
 @api.get("/v1/models")
 async def list_models(request: Request) -> ModelList:
     return ModelList(data=[model_card(v) for v in request.app.state.registry.variants.values()])
+
+
+@api.get("/v1/models/{model_id:path}")
+async def retrieve_model(model_id: str, request: Request) -> ModelCard:
+    """OpenAI's ``models.retrieve``: one variant's card, or a 404 naming ``model``."""
+    return model_card(request.app.state.registry.get(model_id))
 
 
 @api.get("/metrics")

@@ -13,7 +13,7 @@ from contextlib import aclosing
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
-from steerserve.server.engines.base import GREEDY_BELOW, EngineRequest, GenerationDelta, SamplingOptions
+from steerserve.server.engines.base import GREEDY_BELOW, EngineRequest, GenerationDelta, LogitBias, SamplingOptions
 from steerserve.server.errors import APIError
 from steerserve.server.metrics import ServerMetrics
 from steerserve.server.protocol import random_id
@@ -93,6 +93,7 @@ class Generator:
         presence_penalty: float = 0.0,
         frequency_penalty: float = 0.0,
         repetition_penalty: float = 1.0,
+        logit_bias: LogitBias | None = None,
     ) -> Prepared:
         self.admit(variant)
         ids = variant.tokenize(prompt)
@@ -108,6 +109,7 @@ class Generator:
             presence_penalty=presence_penalty,
             frequency_penalty=frequency_penalty,
             repetition_penalty=repetition_penalty,
+            logit_bias=logit_bias,
         )
         return Prepared(variant, prompt, ids, options, random_id("req"))
 

@@ -68,6 +68,9 @@ class _SamplingFields(_Request):
     """Subtracted once from the logit of every token already generated (OpenAI's definition)."""
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     """Subtracted from a token's logit per time it was generated (OpenAI's definition)."""
+    logit_bias: dict[str, float] | None = None
+    """Token id (as a string) -> -100..100, added to that token's logit before sampling (OpenAI's definition;
+    ids are checked against the model's vocabulary when the request is prepared)."""
     # --- steerserve extensions -------------------------------------------------
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
     """vLLM's and transformers' multiplicative penalty on tokens of the prompt or the output: positive logits
@@ -75,6 +78,16 @@ class _SamplingFields(_Request):
     attributes: Attributes = None
     """Steering sliders, 0-4 each; missing ones take the SteerLM defaults."""
     ignore_eos: bool = False
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _check_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for token, bias in (value or {}).items():
+            if not token.isdigit():
+                raise ValueError(f"logit_bias keys are token ids; got {token!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias[{token}] must be from -100 to 100, got {bias}")
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -225,6 +238,8 @@ class ModelCard(BaseModel):
     """For a LoRA adapter: applied per request on the base's engine, or its merged checkpoint on its own."""
     served_as_reason: str | None = None
     """Why an adapter is served merged (one line)."""
+    reading_level_guidance: float = 0.0
+    """Logits per syllable the complexity slider pushes with at level 0 (0: the prompt alone steers it)."""
 
 
 class ModelList(BaseModel):

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 from steerserve.attributes import resolve_attributes
+from steerserve.server.engines.base import LogitBias
 from steerserve.server.errors import APIError, sse_error_frame
 from steerserve.server.generation import Generator, Prepared, merge_streams
 from steerserve.server.protocol import (
@@ -63,6 +64,19 @@ class CompletionService:
             return prompt
         return variant.render([{"role": "user", "content": prompt}], attributes)
 
+    def _logit_bias(self, variant: Variant, request) -> LogitBias | None:  # noqa: ANN001
+        """The caller's ``logit_bias`` (ids checked against the vocabulary) on top of the complexity slider's."""
+        sent = None
+        if request.logit_bias:
+            vocab = len(variant.tokenizer)
+            for token in request.logit_bias:
+                if int(token) >= vocab:
+                    raise APIError(400, f"logit_bias: token id {token} is outside the vocabulary of {variant.id} "
+                                        f"(0-{vocab - 1})", param="logit_bias")
+            sent = LogitBias.of({int(token): bias for token, bias in request.logit_bias.items()})
+        slider = variant.complexity_bias(request.attributes)
+        return slider.merged(sent) if slider is not None else sent
+
     def _prepare(self, variant: Variant, prompt: str, request, field: str) -> Prepared:  # noqa: ANN001
         requested = getattr(request, "max_completion_tokens", None) or request.max_tokens
         return self.generator.prepare(
@@ -79,6 +93,7 @@ class CompletionService:
             presence_penalty=request.presence_penalty,
             frequency_penalty=request.frequency_penalty,
             repetition_penalty=request.repetition_penalty,
+            logit_bias=self._logit_bias(variant, request),
         )
 
     def render(self, request: RenderRequest) -> RenderResponse:

@@ -13,6 +13,8 @@ import yaml
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from steerserve.reading_level import DEFAULT_STRENGTH
+
 
 class VariantSpec(BaseSettings):
     """One served variant: a checkpoint at one precision, on one engine."""
@@ -36,6 +38,8 @@ class VariantSpec(BaseSettings):
     adapter directory (adapter_config.json) or a training output holding it under ``adapter/``."""
     merged: bool = False
     """Adapters: serve the merged checkpoint on an engine of its own even where LoRA per request works."""
+    reading_level_guidance: float | None = Field(None, ge=0.0, le=10.0)
+    """This variant's complexity-slider strength (the server's ``reading_level_guidance`` when unset)."""
 
     @classmethod
     def parse(cls, text: str) -> VariantSpec:
@@ -89,6 +93,9 @@ class ServerSettings(BaseSettings):
     """vLLM variants: GPUs each layer is split across (CUDA only; refused on CPU)."""
     pipeline_parallel_size: int = Field(1, ge=1)
     """vLLM variants: GPUs the layers are staged across (CUDA only; refused on CPU)."""
+    reading_level_guidance: float = Field(DEFAULT_STRENGTH, ge=0.0, le=10.0)
+    """Logits per syllable the complexity slider pushes with at level 0, falling linearly to none at level 4
+    (steerserve.reading_level); 0 leaves complexity to the prompt alone."""
     default_max_tokens: int = 512
     """max_tokens when a request gives none (capped by what the context leaves)."""
     max_tokens_limit: int = 4096

@@ -15,10 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from steerserve.attributes import resolve_attributes
 from steerserve.precision import NEEDS_CPU_AVX512, NEEDS_CUDA, SERVING_ENGINES, Precision
 from steerserve.prompts import SteeringMethod, render_chat, stop_strings
 from steerserve.server.engines import load_engine_class
-from steerserve.server.engines.base import Engine, EngineConfig
+from steerserve.reading_level import ReadingLevelGuide
+from steerserve.server.engines.base import Engine, EngineConfig, LogitBias
 from steerserve.server.errors import APIError, model_not_found
 from steerserve.server.settings import ServerSettings, VariantSpec
 
@@ -60,6 +62,11 @@ class Variant:
     """Why an adapter is served merged, in one line."""
     prepare: Callable[[], None] | None = None
     """Blocking work before the engine starts (merging an adapter into a cache dir); run off the loop."""
+    reading_level_guidance: float = 0.0
+    """Logits per syllable the complexity slider pushes with at level 0 (:mod:`steerserve.reading_level`)."""
+    reading_guide: ReadingLevelGuide | None = None
+    """This tokenizer's reading-level scores; built with the tokenizer when guidance is on."""
+    _complexity_bias: dict[int, LogitBias] = field(default_factory=dict, repr=False)
 
     def apply_template(self, messages: list[dict[str, str]]) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -72,6 +79,17 @@ class Variant:
 
     def stops(self) -> list[str]:
         return stop_strings(self.steering) if self.steering else []
+
+    def complexity_bias(self, attributes: dict[str, int] | None) -> LogitBias | None:
+        """The reading-level logit bias of a request's complexity slider; None at level 4 (the default) or
+        when guidance is off. One shared bias per level, so its tensors are built once."""
+        if self.reading_guide is None or attributes is None:
+            return None
+        level = resolve_attributes(attributes)["complexity"]
+        if level not in self._complexity_bias:
+            self._complexity_bias[level] = LogitBias.of(self.reading_guide.logit_bias(level, self.reading_level_guidance))
+        bias = self._complexity_bias[level]
+        return bias if bias.ids else None
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of a rendered prompt; no second BOS when the template wrote one."""
@@ -149,7 +167,24 @@ def build_variant(spec: VariantSpec, settings: ServerSettings, path: Path) -> Va
         max_model_len=max_len,
         engine=load_engine_class(engine_name)(config),
         manifest=manifest,
+        reading_level_guidance=guidance_strength(spec, settings),
     )
+
+
+def guidance_strength(spec: VariantSpec, settings: ServerSettings) -> float:
+    """The variant's own ``reading_level_guidance``, else the server's."""
+    return settings.reading_level_guidance if spec.reading_level_guidance is None else spec.reading_level_guidance
+
+
+_GUIDES: dict[tuple[str, int], ReadingLevelGuide] = {}
+
+
+def reading_guide(tokenizer: Any) -> ReadingLevelGuide:
+    """One guide per vocabulary: variants and adapters that share a tokenizer share its scores."""
+    key = (str(tokenizer.name_or_path), len(tokenizer))
+    if key not in _GUIDES:
+        _GUIDES[key] = ReadingLevelGuide.from_tokenizer(tokenizer)
+    return _GUIDES[key]
 
 
 def prepare_variant(variant: Variant) -> None:
@@ -165,6 +200,8 @@ def prepare_variant(variant: Variant) -> None:
     variant.steering = variant.steering or _default_steering(variant.tokenizer)
     if variant.steering is not SteeringMethod.STEERLM and not variant.tokenizer.chat_template:
         raise ValueError(f"steering {variant.steering.value!r} needs a chat template; the tokenizer has none")
+    if variant.reading_level_guidance > 0:
+        variant.reading_guide = reading_guide(variant.tokenizer)
 
 
 class VariantRegistry:

@@ -51,6 +51,10 @@ def _serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tensor-parallel-size", type=int, help="vLLM: GPUs each layer is split across (CUDA only)")
     parser.add_argument("--pipeline-parallel-size", type=int, help="vLLM: GPUs the layers are staged across (CUDA only)")
     parser.add_argument("--default-max-tokens", type=int)
+    parser.add_argument("--reading-level-guidance", type=float, metavar="LOGITS",
+                        help="how hard the complexity slider pushes at level 0, in logits per syllable (default "
+                             "2; 0: the prompt alone steers complexity); per variant: --model PATH,"
+                             "reading_level_guidance=X")
     parser.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
     return parser
 
@@ -66,7 +70,8 @@ def serve_settings(argv: list[str]) -> ServerSettings:
     overrides = {
         key: getattr(args, key)
         for key in ("engine", "host", "port", "api_key", "max_model_len", "max_num_seqs", "kv_cache_gib",
-                    "enforce_eager", "tensor_parallel_size", "pipeline_parallel_size", "default_max_tokens", "log_level")
+                    "enforce_eager", "tensor_parallel_size", "pipeline_parallel_size", "default_max_tokens", "log_level",
+                    "reading_level_guidance")
         if getattr(args, key) is not None
     }
     if args.model:

@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import AsyncIterator, Callable
-from typing import Any, ClassVar
+import functools
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from steerserve.precision import Precision
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +65,42 @@ GREEDY_BELOW = 1e-5
 denormal temperature would overflow. Every engine and the request path use this one threshold."""
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class LogitBias:
+    """Logits added to chosen tokens before penalties and sampling (OpenAI's ``logit_bias``, vLLM's order).
+
+    Built once and shared: the reading-level bias of a complexity level covers most of the vocabulary, so its
+    tensors and dict are made on first use and reused by every request at that level.
+    """
+
+    ids: tuple[int, ...]
+    values: tuple[float, ...]
+
+    @classmethod
+    def of(cls, bias: Mapping[int, float]) -> LogitBias:
+        return cls(tuple(int(token) for token in bias), tuple(float(value) for value in bias.values()))
+
+    def merged(self, other: LogitBias | None) -> LogitBias:
+        """Both biases summed per token (a caller's ``logit_bias`` on top of the slider's)."""
+        if other is None:
+            return self
+        total = dict(zip(self.ids, self.values))
+        for token, value in zip(other.ids, other.values):
+            total[token] = total.get(token, 0.0) + value
+        return LogitBias.of(total)
+
+    @functools.cached_property
+    def as_dict(self) -> dict[int, float]:
+        return dict(zip(self.ids, self.values))
+
+    @functools.cached_property
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token ids, float32 values), for adding to a row of logits."""
+        import torch
+
+        return torch.tensor(self.ids, dtype=torch.long), torch.tensor(self.values, dtype=torch.float32)
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingOptions:
     """OpenAI sampling fields, already validated."""
@@ -75,6 +115,7 @@ class SamplingOptions:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    logit_bias: LogitBias | None = None
 
     @property
     def greedy(self) -> bool:
@@ -84,6 +125,11 @@ class SamplingOptions:
     def penalized(self) -> bool:
         """Whether any penalty changes the logits (vLLM's semantics; every engine applies them before sampling)."""
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether the logits change before the argmax: a logit bias or any penalty."""
+        return self.penalized or bool(self.logit_bias and self.logit_bias.ids)
 
 
 @dataclasses.dataclass(frozen=True)

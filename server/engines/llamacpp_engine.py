@@ -126,13 +126,13 @@ class LlamaCppEngine(ThreadedEngine[_Job]):
             job.put_threadsafe(GenerationDelta(seq.index, "", 0, "abort", queued_s=queued))
             return
         eval_prompt(self._llama, seq.prompt_ids)
-        greedy, penalized = seq.options.greedy, seq.options.penalized
+        greedy, adjusted = seq.options.greedy, seq.options.adjusts_logits
         while True:
             # Raw float32 logits: softmax(logits / T) is the distribution the log-probs gave, and greedy
             # needs only the argmax, so nothing is normalised per token (a full-vocabulary float64
             # log-softmax per token cost more than the sampling itself; benchmarks/NOTES.md).
             logits = last_logits(self._llama)
-            if greedy and not penalized:
+            if greedy and not adjusted:
                 seq.append(int(logits.argmax()))
             else:
                 seq.append(sample_tokens(torch.from_numpy(logits.copy())[None], [seq])[0])

@@ -1,7 +1,8 @@
 """Token choice for the engines that sample in our own code (transformers, llama.cpp).
 
 vLLM samples inside its engine; these two must pick the same token it would for the same logits and
-options, so penalties follow vLLM's order and definitions: the repetition penalty first, over every
+options, so they follow vLLM's order and definitions: a logit bias first (added as is), then the
+repetition penalty, over every
 token of the prompt or the output (positive logits divided by it, negative ones multiplied, as
 transformers does too), then OpenAI's frequency and presence penalties over the output tokens only.
 All of them act before the greedy argmax and before temperature.
@@ -36,12 +37,23 @@ def apply_penalties(logits: torch.Tensor, prompt_ids: Seq[int], output_ids: Seq[
         logits -= options.frequency_penalty * counts + options.presence_penalty * (counts > 0).to(logits.dtype)
 
 
+def adjust_logits(logits: torch.Tensor, prompt_ids: Seq[int], output_ids: Seq[int],
+                  options: SamplingOptions) -> None:
+    """One row of float32 ``logits`` biased, then penalised, in place (vLLM's order)."""
+    if options.logit_bias is not None and options.logit_bias.ids:
+        ids, values = options.logit_bias.tensors
+        keep = ids < logits.shape[-1]
+        logits[ids[keep]] += values[keep]
+    if options.penalized:
+        apply_penalties(logits, prompt_ids, output_ids, options)
+
+
 def sample_tokens(logits: torch.Tensor, seqs: Seq[Sequence]) -> list[int]:
-    """One token per row of float32 ``logits`` (penalised in place first, where asked): greedy at
+    """One token per row of float32 ``logits`` (biased and penalised in place first, where asked): greedy at
     temperature 0, else top-p with the row's generator."""
     for row, seq in enumerate(seqs):
-        if seq.options.penalized:
-            apply_penalties(logits[row], seq.prompt_ids, seq.output_ids, seq.options)
+        if seq.options.adjusts_logits:
+            adjust_logits(logits[row], seq.prompt_ids, seq.output_ids, seq.options)
     greedy = logits.argmax(-1).tolist()
     tokens = []
     for row, seq in enumerate(seqs):

@@ -309,6 +309,7 @@ def _sampling_params(options: SamplingOptions, n: int) -> SamplingParams:
             presence_penalty=options.presence_penalty,
             frequency_penalty=options.frequency_penalty,
             repetition_penalty=options.repetition_penalty,
+            logit_bias=options.logit_bias.as_dict if options.logit_bias else None,
             output_kind=RequestOutputKind.DELTA,
         )
     except VLLMValidationError as exc:

@@ -55,3 +55,31 @@ def test_no_output_yet_and_ids_past_the_logits_are_harmless() -> None:
                                                                    presence_penalty=2.0))
     torch.testing.assert_close(ours, logits)
     assert not SamplingOptions(max_tokens=1).penalized and SamplingOptions(max_tokens=1, presence_penalty=0.1).penalized
+
+
+def test_logit_bias_is_added_before_the_penalties_as_in_vllm() -> None:
+    """vLLM applies logit bias among its argmax-changing processors, then the penalties; so do we."""
+    from steerserve.server.engines.base import LogitBias
+    from steerserve.server.engines.sampling import adjust_logits
+
+    logits, prompt, output = _case(11)
+    bias = LogitBias.of({3: 5.0, 7: -2.5, VOCAB + 2: 9.0})  # an id past the logits' width is skipped
+    options = SamplingOptions(max_tokens=1, repetition_penalty=1.5, frequency_penalty=0.3, logit_bias=bias)
+    expected = logits.clone()
+    expected[3] += 5.0
+    expected[7] -= 2.5
+    apply_penalties(expected, prompt, output, options)
+    ours = logits.clone()
+    adjust_logits(ours, prompt, output, options)
+    torch.testing.assert_close(ours, expected)
+    assert SamplingOptions(max_tokens=1, logit_bias=bias).adjusts_logits
+    assert not SamplingOptions(max_tokens=1, logit_bias=LogitBias.of({})).adjusts_logits
+
+
+def test_a_callers_bias_adds_to_the_sliders() -> None:
+    from steerserve.server.engines.base import LogitBias
+
+    slider = LogitBias.of({1: -2.0, 2: 1.0})
+    merged = slider.merged(LogitBias.of({2: 0.5, 9: -100.0}))
+    assert merged.as_dict == {1: -2.0, 2: 1.5, 9: -100.0}
+    assert slider.merged(None) is slider

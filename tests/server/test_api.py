@@ -64,6 +64,10 @@ def test_models_lists_variants_with_engine_precision_and_steering(server, client
     assert chat["engine"] == server.engine and chat["precision"] == "bf16" and chat["ready"] is True
     assert chat["steering"] == "instructions" and cards[RAW].model_dump()["steering"] == "steerlm"
     assert chat["weight_bytes"] > 100_000
+    retrieved = client.models.retrieve(RAW).model_dump()
+    assert retrieved == cards[RAW].model_dump() | {"created": retrieved["created"]}
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope:bf16")
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
 
 
@@ -147,6 +151,44 @@ def test_penalties_from_the_openai_sdk_change_greedy_output(client) -> None:
     assert plain not in (penalised, repeated)
 
 
+def test_logit_bias_from_the_openai_sdk_forces_and_bans_tokens(client, tiny_model_dir: Path) -> None:
+    """OpenAI's logit_bias: +100 makes greedy decoding repeat a token, -100 bans the token it picked."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    args = dict(model=CHAT, prompt="Hello", max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    forced = tokenizer.convert_tokens_to_ids("a")
+    assert client.completions.create(**args, logit_bias={str(forced): 100}).choices[0].text == "a" * 6
+    plain = client.completions.create(**args).choices[0].text
+    first = tokenizer(plain, add_special_tokens=False).input_ids[0]
+    banned = client.completions.create(**args, logit_bias={str(first): -100}).choices[0].text
+    assert first not in tokenizer(banned, add_special_tokens=False).input_ids
+
+
+def test_complexity_slider_pushes_decoding_toward_plain_text(client, tiny_model_dir: Path) -> None:
+    """Below complexity 4 the reading-level bias favours sentence ends and penalises long words; at 4 (the
+    default) the answer is the model's own."""
+    from transformers import AutoTokenizer
+
+    from steerserve.reading_level import ReadingLevelGuide
+
+    assert client.models.retrieve(CHAT).model_dump()["reading_level_guidance"] == 2.0
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    guide = ReadingLevelGuide.from_tokenizer(tokenizer)
+    scores, ends = dict(guide.scores), set(guide.sentence_ends)
+
+    def answer(attributes: dict[str, int] | None) -> tuple[str, float, int]:
+        text = client.chat.completions.create(
+            model=CHAT, messages=HELLO, max_tokens=24, temperature=0,
+            extra_body={"ignore_eos": True, "attributes": attributes}).choices[0].message.content
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        return text, sum(scores.get(i, 0.0) for i in ids), sum(i in ends for i in ids)
+
+    default, level4, plain = answer(None), answer({"complexity": 4}), answer({"complexity": 0})
+    assert default == level4 != plain
+    assert plain[1] <= level4[1] and plain[2] > level4[2]
+
+
 def test_stop_string_cuts_the_output(client) -> None:
     args = dict(model=CHAT, prompt="Hello", max_tokens=16, temperature=0, extra_body={"ignore_eos": True})
     full = client.completions.create(**args).choices[0].text
@@ -214,6 +256,9 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"model": CHAT, "messages": HELLO, "frequency_penalty": 2.5}, 400, "frequency_penalty"),
     ("/v1/completions", {"model": CHAT, "prompt": "x", "presence_penalty": -3}, 400, "presence_penalty"),
     ("/v1/completions", {"model": CHAT, "prompt": "x", "repetition_penalty": 0}, 400, "repetition_penalty"),
+    ("/v1/completions", {"model": CHAT, "prompt": "x", "logit_bias": {"a": 1}}, 400, "logit_bias"),
+    ("/v1/completions", {"model": CHAT, "prompt": "x", "logit_bias": {"5": 101}}, 400, "logit_bias"),
+    ("/v1/chat/completions", {"model": CHAT, "messages": HELLO, "logit_bias": {"99999": 1}}, 400, "logit_bias"),
     ("/v1/chat/completions", {"model": CHAT, "messages": HELLO, "stream_options": {"include_usage": True}}, 400, "stream_options"),
     ("/v1/completions", {"model": CHAT, "prompt": ""}, 400, "prompt"),
     ("/v1/completions", {"model": CHAT, "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
