@@ -55,6 +55,10 @@ class BootstrapConfig(CommonConfig):
     max_prompt_words: int = option(200, "Skip prompts longer than this (the AC-SFT max_length must fit them).")
     keep_source_responses: bool = option(True, "Also write the data set's own replies (source: human).")
     engine: str = option("vllm", "Sampling engine: vllm (batched, fast) or transformers (reference).")
+    reading_level_guidance: float = option(
+        0.0, "Decode each sample under the server's reading-level guidance for its instructed complexity at this "
+             "strength (steerserve.reading_level; 0: instructions alone). The base model's instructed samples "
+             "barely differ in grade; guided ones do, so AC-SFT sees one prompt answered at several grades.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -65,6 +69,8 @@ class BootstrapConfig(CommonConfig):
             raise ConfigError("temperatures: give one or more values >= 0")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p: must be in (0, 1], got {self.top_p}")
+        if self.reading_level_guidance < 0:
+            raise ConfigError(f"reading_level_guidance: must be >= 0, got {self.reading_level_guidance}")
 
 
 def unique_prompts(rows: Sequence[dict[str, Any]], max_words: int) -> list[str]:
@@ -98,7 +104,9 @@ def render_requests(plan: Sequence[dict[str, Any]], tokenizer: Any, config: Boot
     return [{"prompt": runner.chat_prompt([{"role": "user", "content": entry["prompt"]}], entry["instructed"],
                                           method, tokenizer),
              "temperature": entry["temperature"], "top_p": config.top_p, "max_tokens": config.max_tokens,
-             "seed": entry["seed"]} for entry in plan]
+             "seed": entry["seed"],
+             **({"reading_level": [entry["instructed"]["complexity"], config.reading_level_guidance]}
+                if config.reading_level_guidance else {})} for entry in plan]
 
 
 def by_instructed_level(samples: Sequence[dict[str, Any]], name: str,

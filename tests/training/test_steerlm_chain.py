@@ -8,12 +8,12 @@ import json
 from pathlib import Path
 
 import pytest
-from training_helpers import FAST, run_recipe
+from training_helpers import FAST, guided_pair, run_recipe
 
 from steerserve.measures import (FK_GRADE_BOUNDS, complexity_level, fk_grade, relative_complexity_levels,
                                  verbosity_levels)
 from steerserve.prompts import ATTRIBUTE_TURN, SteeringMethod, render_chat, steering_instruction
-from steerserve.training.bootstrap import BootstrapConfig, grade_spread, sample_plan
+from steerserve.training.bootstrap import BootstrapConfig, grade_spread, render_requests, sample_plan
 from steerserve.training.config import ConfigError, load_config
 from steerserve.training.manifest import read_manifest
 from steerserve.training.sampling import sample
@@ -92,6 +92,24 @@ def test_sampling_resumes_from_drawn_samples(tmp_path: Path, tiny_model_dir: Pat
     assert all(g["tokens"] <= 6 for g in got)
     with pytest.raises(ValueError, match="engine"):
         sample(str(tiny_model_dir), requests, out, engine="tgi")
+
+
+def test_guided_samples_read_plainer(tmp_path: Path, tiny_model_dir: Path) -> None:
+    (plain_score, plain_ends), (guided_score, guided_ends) = guided_pair("transformers", tiny_model_dir, tmp_path)
+    assert guided_score <= plain_score and guided_ends > plain_ends
+
+
+def test_bootstrap_guidance_rides_on_each_request(tiny_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    base = ["data=x.jsonl", "data_format=oasst"]
+    plan = sample_plan(["p0"], load_config(BootstrapConfig, None, base))
+    guided = render_requests(plan, tokenizer, load_config(BootstrapConfig, None, [*base, "reading_level_guidance=2"]))
+    assert [r["reading_level"] for r in guided] == [[e["instructed"]["complexity"], 2.0] for e in plan]
+    assert all("reading_level" not in r for r in render_requests(plan, tokenizer, load_config(BootstrapConfig, None, base)))
+    with pytest.raises(ConfigError, match="reading_level_guidance"):
+        load_config(BootstrapConfig, None, [*base, "reading_level_guidance=-1"])
 
 
 def test_measured_labels_follow_their_definitions() -> None:
