@@ -154,3 +154,35 @@ def test_llamacpp_penalised_greedy_matches_transformers_processor(gguf_variants:
         llama.close()
     expected = tokenizer.decode(tokens[len(ids):], skip_special_tokens=True, clean_up_tokenization_spaces=False)
     assert asyncio.run(served()) == expected
+
+
+def test_llamacpp_greedy_honours_logit_bias(gguf_variants: dict[str, Path]) -> None:
+    """The greedy fast path (argmax of llama.cpp's logits) steps aside for a logit bias: +100 repeats a
+    token, -100 bans the one greedy decoding picked first."""
+    import asyncio
+
+    from transformers import AutoTokenizer
+
+    from steerserve.precision import Precision
+    from steerserve.server.engines.base import EngineConfig, EngineRequest, LogitBias, SamplingOptions
+    from steerserve.server.engines.llamacpp_engine import LlamaCppEngine
+
+    path = gguf_variants["gguf-q8_0"]
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    ids = tokenizer.encode(PROMPTS[1])
+    forced = tokenizer.convert_tokens_to_ids("a")
+
+    async def served(bias: dict[int, float] | None) -> list[int]:
+        options = SamplingOptions(max_tokens=6, temperature=0.0, ignore_eos=True,
+                                  logit_bias=LogitBias.of(bias) if bias else None)
+        engine = LlamaCppEngine(EngineConfig(model=str(path), precision=Precision.GGUF_Q8_0, max_model_len=128))
+        await engine.start()
+        try:
+            text = "".join([d.text async for d in engine.generate(EngineRequest("r", ids, options))])
+        finally:
+            await engine.shutdown()
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    assert asyncio.run(served({forced: 100.0})) == [forced] * 6
+    first = asyncio.run(served(None))[0]
+    assert first not in asyncio.run(served({first: -100.0}))
