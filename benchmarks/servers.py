@@ -46,8 +46,7 @@ class BenchTarget:
 
     @property
     def label(self) -> str:
-        guided = f", reading-level guidance {self.reading_level_guidance:g}" if self.reading_level_guidance else ""
-        return f"{self.model} ({self.engine}{guided})"
+        return f"{self.model} ({self.engine})"
 
 
 def free_port() -> int:

@@ -203,7 +203,7 @@ def measure(target: BenchTarget, args: argparse.Namespace, answer_log: AnswerLog
     params = decoding(args)
     answers = asyncio.run(_answers(target, prompts, max_tokens, args.parallel, params, args.hold, answer_log))
     result = {"summary": summarize(answers), "answers": answers, "prompts": prompts, "max_tokens": max_tokens,
-              "decoding": params}
+              "decoding": params, "reading_level_guidance": target.reading_level_guidance}
     if args.apm:
         result["default_slider_apm"] = default_slider_quality(args.apm, prompts, answers)
     return result
@@ -236,6 +236,15 @@ def _quality_table(results: dict[str, dict[str, Any]]) -> str:
             + markdown_table(["variant", *names], rows, 2))
 
 
+def _guidance_note(results: dict[str, dict[str, Any]]) -> str:
+    """Which servers pushed the complexity slider while decoding, and how hard (their model cards)."""
+    guided = {label: r.get("reading_level_guidance", 0.0) for label, r in results.items()}
+    if not any(guided.values()):
+        return " (no reading-level guidance: the prompt alone)"
+    return " (reading-level guidance, logits per syllable at level 0: " + ", ".join(
+        f"{label} {value:g}" for label, value in guided.items()) + ")"
+
+
 def finish(results: dict[str, dict[str, Any]], refs: dict[str, Any],
            args: argparse.Namespace) -> tuple[dict[str, Any], str, Any]:
     """Two tables (chars by verbosity, FKGL by complexity) and the matching two-panel plot."""
@@ -249,7 +258,7 @@ def finish(results: dict[str, dict[str, Any]], refs: dict[str, Any],
             "Mean characters by **verbosity** level\n\n"
             + markdown_table(["variant", *head, "Spearman ρ", "L4 / L0", "monotone", "target", "truncated"],
                              _rows(results, "verbosity", "chars"), 2)
-            + "\nMean Flesch-Kincaid grade by **complexity** level\n\n"
+            + "\nMean Flesch-Kincaid grade by **complexity** level" + _guidance_note(results) + "\n\n"
             + markdown_table(["variant", *head, "Spearman ρ", "L4 - L0", "monotone", "target", "truncated"],
                              _rows(results, "complexity", "fkgl"), 2)
             + _quality_table(results))

@@ -104,6 +104,9 @@ def test_steerability_on_a_given_server(bench_server, tmp_path: Path, data_files
     assert set(variant["default_slider_apm"]) == {"helpfulness", "verbosity"}
     assert result["paper"]["verbosity"]["chars"] == {"0": 422.0, "4": 1125.0}
     assert "no-collapse" in (tmp_path / "steerability.md").read_text()
+    assert variant["reading_level_guidance"] == 2.0  # the server's default, from its model card
+    assert "reading-level guidance, logits per syllable at level 0: tiny:bf16 (transformers) 2" in (
+        tmp_path / "steerability.md").read_text()
 
 
 def test_steerability_holds_other_sliders(bench_server, tmp_path: Path, data_files) -> None:
