@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import contextlib
 import hashlib
+from collections.abc import Sequence
 from typing import Any
 
 from tqdm import tqdm
@@ -53,6 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--answer-tokens", type=int, help="max tokens per answer (default 384; quick 24)")
     group.add_argument("--parallel", type=int, default=8, help="requests in flight at once")
     group.add_argument("--apm", help="APM directory: also report mean predicted attributes at default sliders")
+    group.add_argument("--sliders", type=swept_sliders, default=list(SWEEPS), metavar="NAME,...",
+                       help="sweep only these sliders (default: verbosity,complexity); e.g. complexity alone to "
+                            "check reading-level guidance, which leaves the verbosity sweep as it was")
     group.add_argument("--hold", type=held_sliders, default={}, metavar="NAME:LEVEL,...",
                        help="sliders held at these levels instead of their defaults in both sweeps (the swept "
                             "slider excepted), e.g. quality:3,humor:1 to ask for lines a model was trained on")
@@ -64,6 +68,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "same seed at every level, so levels differ by the slider alone and reruns agree")
     group.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling with --temperature")
     group.add_argument("--seed", type=int, default=0, help="seed of prompt 0's answers (prompt i: seed + i)")
+
+
+def swept_sliders(text: str) -> list[str]:
+    """``--sliders``' value: known sweeps, in the report's order."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in SWEEPS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"sliders are {', '.join(SWEEPS)}; got {text!r}")
+    return [name for name in SWEEPS if name in names]
 
 
 def held_sliders(text: str) -> dict[str, int]:
@@ -104,7 +117,7 @@ def answer_id(prompt: str, index: int, attributes: tuple[tuple[str, int], ...], 
 
 async def _answers(target: BenchTarget, prompts: list[str], max_tokens: int, parallel: int,
                    params: dict[str, Any] | None = None, hold: dict[str, int] | None = None,
-                   answer_log: AnswerLog | None = None) -> list[dict[str, Any]]:
+                   answer_log: AnswerLog | None = None, sliders: Sequence[str] = tuple(SWEEPS)) -> list[dict[str, Any]]:
     """Every (slider, level, prompt) answered with ``params`` (see ``decoding``); greedy or seeded, so reruns agree.
 
     Both sweeps hold the other slider at its default (or its ``hold`` level), so one level of each sweep asks
@@ -119,7 +132,7 @@ async def _answers(target: BenchTarget, prompts: list[str], max_tokens: int, par
     def request_key(name: str, level: int, i: int) -> tuple[int, tuple[tuple[str, int], ...]]:
         return i, tuple(sorted(resolve_attributes({**held, name: level}).items()))
 
-    jobs = [(name, level, i) for name in SWEEPS for level in LEVELS for i in range(len(prompts))]
+    jobs = [(name, level, i) for name in sliders for level in LEVELS for i in range(len(prompts))]
     requests = {request_key(*job): job for job in reversed(jobs)}
     ids = {key: answer_id(prompts[key[0]], *key, target.reading_level_guidance) for key in requests}
     limit = asyncio.Semaphore(parallel)
@@ -167,6 +180,8 @@ def summarize(answers: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, measure in SWEEPS.items():
         rows = [a for a in answers if a["slider"] == name]
+        if not rows:  # not swept (--sliders)
+            continue
         out[name] = {
             "measure": measure,
             "chars": {lvl: mean([a["chars"] for a in rows if a["level"] == lvl]) for lvl in LEVELS},
@@ -185,7 +200,8 @@ def default_slider_quality(apm_dir: str, prompts: list[str], answers: list[dict[
     from steerserve.training.apm import load_apm, predict
 
     model, tokenizer, names = load_apm(apm_dir)
-    chosen = [a for a in answers if a["slider"] == "verbosity" and a["level"] == ATTRIBUTE_DEFAULTS["verbosity"]]
+    at_default = {a["prompt"]: a for a in reversed(answers) if a["level"] == ATTRIBUTE_DEFAULTS[a["slider"]]}
+    chosen = [at_default[prompt] for prompt in sorted(at_default)]  # each prompt once, whichever sweep ran
     rows = [{"prompt": prompts[a["prompt"]], "response": a["text"]} for a in chosen]
     predicted = predict(model, tokenizer, rows, 8, 512, names, progress=False)
     return {name: mean([p[j] for p in predicted]) for j, name in enumerate(names)}
@@ -201,7 +217,8 @@ def measure(target: BenchTarget, args: argparse.Namespace, answer_log: AnswerLog
     count, max_tokens = sizes(args)
     prompts = load_prompts(args.prompts, count)
     params = decoding(args)
-    answers = asyncio.run(_answers(target, prompts, max_tokens, args.parallel, params, args.hold, answer_log))
+    answers = asyncio.run(_answers(target, prompts, max_tokens, args.parallel, params, args.hold, answer_log,
+                                   args.sliders))
     result = {"summary": summarize(answers), "answers": answers, "prompts": prompts, "max_tokens": max_tokens,
               "decoding": params, "reading_level_guidance": target.reading_level_guidance}
     if args.apm:
@@ -245,25 +262,32 @@ def _guidance_note(results: dict[str, dict[str, Any]]) -> str:
         f"{label} {value:g}" for label, value in guided.items()) + ")"
 
 
+def _sweep_table(results: dict[str, dict[str, Any]], name: str, head: list[str]) -> str:
+    """One slider's table: the measure per level, Spearman, the level-4 vs level-0 effect, the target check."""
+    if name == "verbosity":
+        title, effect = "Mean characters by **verbosity** level", "L4 / L0"
+    else:
+        title, effect = "Mean Flesch-Kincaid grade by **complexity** level" + _guidance_note(results), "L4 - L0"
+    return (f"\n{title}\n\n"
+            + markdown_table(["variant", *head, "Spearman ρ", effect, "monotone", "target", "truncated"],
+                             _rows(results, name, SWEEPS[name]), 2))
+
+
 def finish(results: dict[str, dict[str, Any]], refs: dict[str, Any],
            args: argparse.Namespace) -> tuple[dict[str, Any], str, Any]:
-    """Two tables (chars by verbosity, FKGL by complexity) and the matching two-panel plot."""
+    """A table per swept slider (chars by verbosity, FKGL by complexity) and the matching plot panels."""
     count, max_tokens = sizes(args)
     head = [f"L{lvl}" for lvl in LEVELS]
     others = "the other sliders at their defaults" + (
         f", except {', '.join(f'{k} {v}' for k, v in args.hold.items())}" if args.hold else "")
     text = (f"{count} prompts x 5 levels per slider ({others}), {describe_decoding(decoding(args))}, max "
             f"{max_tokens} tokens per answer (truncated = share of answers cut by that cap). Targets: monotone, "
-            f"chars x3 from verbosity 0 to 4, +2 grades from complexity 0 to 4. Paper: {PAPER_SOURCE}.\n\n"
-            "Mean characters by **verbosity** level\n\n"
-            + markdown_table(["variant", *head, "Spearman ρ", "L4 / L0", "monotone", "target", "truncated"],
-                             _rows(results, "verbosity", "chars"), 2)
-            + "\nMean Flesch-Kincaid grade by **complexity** level" + _guidance_note(results) + "\n\n"
-            + markdown_table(["variant", *head, "Spearman ρ", "L4 - L0", "monotone", "target", "truncated"],
-                             _rows(results, "complexity", "fkgl"), 2)
+            f"chars x3 from verbosity 0 to 4, +2 grades from complexity 0 to 4. Paper: {PAPER_SOURCE}.\n"
+            + "".join(_sweep_table(results, name, head) for name in args.sliders)
             + _quality_table(results))
-    fig, axes = figure(2, width=5.0)
-    for ax, (name, measure) in zip(axes[0], SWEEPS.items()):
+    fig, axes = figure(len(args.sliders), width=5.0)
+    for ax, name in zip(axes[0], args.sliders):
+        measure = SWEEPS[name]
         for label, r in results.items():
             ax.plot(LEVELS, [r["summary"][name][measure][lvl] for lvl in LEVELS], marker="o", label=label)
         paper = PAPER[name][measure]

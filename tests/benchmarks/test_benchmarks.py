@@ -126,6 +126,22 @@ def test_steerability_holds_other_sliders(bench_server, tmp_path: Path, data_fil
     assert "except quality 3, complexity 1" in (tmp_path / "steerability.md").read_text()
 
 
+def test_steerability_sweeps_only_the_sliders_asked_for(bench_server, tmp_path: Path, data_files) -> None:
+    prompts, _ = data_files
+    args = ["steerability", "--quick", "--url", bench_server.url, "--prompts", str(prompts), "--num-prompts", "1",
+            "--answer-tokens", "8"]
+    with pytest.raises(SystemExit) as bad:
+        main([*args, "--output", str(tmp_path / "bad"), "--sliders", "length"])
+    assert bad.value.code == 2 and not (tmp_path / "bad").exists()
+    assert main([*args, "--output", str(tmp_path), "--sliders", "complexity"]) == 0
+    result = _outputs(tmp_path, "steerability")
+    variant = result["variants"]["tiny:bf16 (transformers)"]
+    assert {a["slider"] for a in variant["answers"]} == {"complexity"} and len(variant["answers"]) == 5
+    assert set(variant["summary"]) == {"complexity"} and result["config"]["sliders"] == ["complexity"]
+    text = (tmp_path / "steerability.md").read_text()
+    assert "by **complexity** level" in text and "by **verbosity** level" not in text
+
+
 def test_steerability_sampled_answers_are_seeded(bench_server, tmp_path: Path, data_files) -> None:
     """--temperature samples with seed + prompt index: the same command gives the same answers, unlike greedy."""
     prompts, _ = data_files
