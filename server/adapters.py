@@ -101,7 +101,7 @@ def build_adapter_variant(spec: VariantSpec, settings: ServerSettings, base: Var
                 base, id=model_id, path=source.adapter_dir, engine=engine, manifest=source.manifest,
                 steering=SteeringMethod(steering) if steering else None, tokenizer=None, ready=False, error=None,
                 tokenizer_path=tokenizer, base=base.id, served_as="lora", served_as_reason=None, prepare=None,
-                reading_level_guidance=guidance_strength(spec, settings), reading_guide=None, _complexity_bias={},
+                reading_level_guidance=guidance_strength(spec, settings), reading_guide=None, complexity_biases={},
             )
     return _merged_variant(spec, settings, base, source, model_id, reason)
 

@@ -18,8 +18,8 @@ from typing import Any
 from steerserve.attributes import resolve_attributes
 from steerserve.precision import NEEDS_CPU_AVX512, NEEDS_CUDA, SERVING_ENGINES, Precision
 from steerserve.prompts import SteeringMethod, render_chat, stop_strings
-from steerserve.server.engines import load_engine_class
 from steerserve.reading_level import ReadingLevelGuide
+from steerserve.server.engines import load_engine_class
 from steerserve.server.engines.base import Engine, EngineConfig, LogitBias
 from steerserve.server.errors import APIError, model_not_found
 from steerserve.server.settings import ServerSettings, VariantSpec
@@ -66,7 +66,8 @@ class Variant:
     """Logits per syllable the complexity slider pushes with at level 0 (:mod:`steerserve.reading_level`)."""
     reading_guide: ReadingLevelGuide | None = None
     """This tokenizer's reading-level scores; built with the tokenizer when guidance is on."""
-    _complexity_bias: dict[int, LogitBias] = field(default_factory=dict, repr=False)
+    complexity_biases: dict[int, LogitBias] = field(default_factory=dict, repr=False)
+    """The bias per complexity level, made on first use."""
 
     def apply_template(self, messages: list[dict[str, str]]) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -86,9 +87,10 @@ class Variant:
         if self.reading_guide is None or attributes is None:
             return None
         level = resolve_attributes(attributes)["complexity"]
-        if level not in self._complexity_bias:
-            self._complexity_bias[level] = LogitBias.of(self.reading_guide.logit_bias(level, self.reading_level_guidance))
-        bias = self._complexity_bias[level]
+        if level not in self.complexity_biases:
+            bias = self.reading_guide.logit_bias(level, self.reading_level_guidance)
+            self.complexity_biases[level] = LogitBias.of(bias)
+        bias = self.complexity_biases[level]
         return bias if bias.ids else None
 
     def tokenize(self, text: str) -> list[int]:

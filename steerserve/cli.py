@@ -70,8 +70,8 @@ def serve_settings(argv: list[str]) -> ServerSettings:
     overrides = {
         key: getattr(args, key)
         for key in ("engine", "host", "port", "api_key", "max_model_len", "max_num_seqs", "kv_cache_gib",
-                    "enforce_eager", "tensor_parallel_size", "pipeline_parallel_size", "default_max_tokens", "log_level",
-                    "reading_level_guidance")
+                    "enforce_eager", "tensor_parallel_size", "pipeline_parallel_size", "default_max_tokens",
+                    "log_level", "reading_level_guidance")
         if getattr(args, key) is not None
     }
     if args.model:

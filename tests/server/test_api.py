@@ -189,6 +189,32 @@ def test_complexity_slider_pushes_decoding_toward_plain_text(client, tiny_model_
     assert plain[1] <= level4[1] and plain[2] > level4[2]
 
 
+def test_guidance_strength_from_the_cli_and_per_variant(tiny_model_dir: Path) -> None:
+    """--reading-level-guidance sets the server's strength; a variant's reading_level_guidance=0 turns it off
+    for that variant alone, whose complexity-0 answer is then the prompt's doing only."""
+    from live_server import LiveServer
+
+    from steerserve.cli import serve_settings
+    from steerserve.server.app import create_app
+
+    settings = serve_settings(["--engine", "transformers", "--max-model-len", "512", "--reading-level-guidance", "3",
+                               "--model", f"{tiny_model_dir},name=plain,reading_level_guidance=0",
+                               "--model", f"{tiny_model_dir},name=guided"])
+    with LiveServer(create_app(settings)) as live:
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        cards = {card.id: card.model_dump()["reading_level_guidance"] for card in client.models.list().data}
+        assert cards == {"plain:bf16": 0.0, "guided:bf16": 3.0}
+
+        def answer(model: str, complexity: int) -> str:
+            return client.chat.completions.create(
+                model=model, messages=HELLO, max_tokens=12, temperature=0,
+                extra_body={"ignore_eos": True, "attributes": {"complexity": complexity}}).choices[0].message.content
+
+        plain_prompt_only = answer("plain:bf16", 0)
+        assert answer("guided:bf16", 0) != plain_prompt_only
+        assert answer("guided:bf16", 4) == answer("plain:bf16", 4)
+
+
 def test_stop_string_cuts_the_output(client) -> None:
     args = dict(model=CHAT, prompt="Hello", max_tokens=16, temperature=0, extra_body={"ignore_eos": True})
     full = client.completions.create(**args).choices[0].text

@@ -107,7 +107,8 @@ def test_bootstrap_guidance_rides_on_each_request(tiny_model_dir: Path) -> None:
     plan = sample_plan(["p0"], load_config(BootstrapConfig, None, base))
     guided = render_requests(plan, tokenizer, load_config(BootstrapConfig, None, [*base, "reading_level_guidance=2"]))
     assert [r["reading_level"] for r in guided] == [[e["instructed"]["complexity"], 2.0] for e in plan]
-    assert all("reading_level" not in r for r in render_requests(plan, tokenizer, load_config(BootstrapConfig, None, base)))
+    unguided = render_requests(plan, tokenizer, load_config(BootstrapConfig, None, base))
+    assert all("reading_level" not in r for r in unguided)
     with pytest.raises(ConfigError, match="reading_level_guidance"):
         load_config(BootstrapConfig, None, [*base, "reading_level_guidance=-1"])
 
