@@ -181,9 +181,11 @@ def test_a_sweep_stopped_mid_variant_goes_on_from_its_logged_answers(bench_serve
     # The outputs write an undefined grade as null; the log keeps the answer as measured (NaN).
     answers = [{k: float("nan") if v is None else v for k, v in a.items()} for a in first["variants"][label]["answers"]]
 
+    guidance = first["variants"][label]["reading_level_guidance"]  # answers are logged under the server's strength
+
     def logged_id(answer: dict) -> str:
         line = tuple(sorted(resolve_attributes({answer["slider"]: answer["level"]}).items()))
-        return answer_id(texts[answer["prompt"]], answer["prompt"], line)
+        return answer_id(texts[answer["prompt"]], answer["prompt"], line, guidance)
 
     # What a run killed mid-variant leaves: three answers logged (one marked), and a line cut short by the kill.
     for out, config in ((tmp_path / "again", first["config"]), (tmp_path / "other", {**first["config"], "seed": 9})):
