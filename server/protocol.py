@@ -72,9 +72,10 @@ class _SamplingFields(_Request):
     """Token id (as a string) -> -100..100, added to that token's logit before sampling (OpenAI's definition;
     ids are checked against the model's vocabulary when the request is prepared)."""
     # --- steerserve extensions -------------------------------------------------
-    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
+    repetition_penalty: float = Field(default=1.0, ge=0.01, le=10.0)
     """vLLM's and transformers' multiplicative penalty on tokens of the prompt or the output: positive logits
-    are divided by it, negative ones multiplied; 1 is off. Small models loop under greedy decoding without it."""
+    are divided by it, negative ones multiplied; 1 is off. Small models loop under greedy decoding without it.
+    At least 0.01: a penalty near zero divides logits into infinities that no sampler can draw from."""
     attributes: Attributes = None
     """Steering sliders, 0-4 each; missing ones take the SteerLM defaults."""
     ignore_eos: bool = False

@@ -18,7 +18,7 @@ from typing import Any
 from steerserve.attributes import resolve_attributes
 from steerserve.precision import NEEDS_CPU_AVX512, NEEDS_CUDA, SERVING_ENGINES, Precision
 from steerserve.prompts import SteeringMethod, render_chat, stop_strings
-from steerserve.reading_level import ReadingLevelGuide
+from steerserve.reading_level import ReadingLevelGuide, guide_for
 from steerserve.server.engines import load_engine_class
 from steerserve.server.engines.base import Engine, EngineConfig, LogitBias
 from steerserve.server.errors import APIError, model_not_found
@@ -178,17 +178,6 @@ def guidance_strength(spec: VariantSpec, settings: ServerSettings) -> float:
     return settings.reading_level_guidance if spec.reading_level_guidance is None else spec.reading_level_guidance
 
 
-_GUIDES: dict[tuple[str, int], ReadingLevelGuide] = {}
-
-
-def reading_guide(tokenizer: Any) -> ReadingLevelGuide:
-    """One guide per vocabulary: variants and adapters that share a tokenizer share its scores."""
-    key = (str(tokenizer.name_or_path), len(tokenizer))
-    if key not in _GUIDES:
-        _GUIDES[key] = ReadingLevelGuide.from_tokenizer(tokenizer)
-    return _GUIDES[key]
-
-
 def prepare_variant(variant: Variant) -> None:
     """The blocking work before a variant's engine starts: merging (if any), its tokenizer, its steering method.
 
@@ -203,7 +192,7 @@ def prepare_variant(variant: Variant) -> None:
     if variant.steering is not SteeringMethod.STEERLM and not variant.tokenizer.chat_template:
         raise ValueError(f"steering {variant.steering.value!r} needs a chat template; the tokenizer has none")
     if variant.reading_level_guidance > 0:
-        variant.reading_guide = reading_guide(variant.tokenizer)
+        variant.reading_guide = guide_for(variant.tokenizer)
 
 
 class VariantRegistry:

@@ -9,7 +9,7 @@ decoding: below the top level, every token that would lengthen a word (a word st
 syllables, a word continuation) is pushed down in proportion to its syllables, and sentence ends are pushed
 up, both by ``strength * (4 - complexity) / 4`` logits::
 
-    guide = ReadingLevelGuide.from_tokenizer(tokenizer)
+    guide = guide_for(tokenizer)
     guide.logit_bias(complexity=0, strength=2.0)   # {token id: bias}: the plainest answers
     guide.logit_bias(complexity=4, strength=2.0)   # {}: the model's own reading level, untouched
 
@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 import string
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from steerserve.attributes import MAX_LEVEL
@@ -80,13 +80,15 @@ def token_scores(pieces: Sequence[str]) -> tuple[list[float], list[bool]]:
     return scores, ends
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ReadingLevelGuide:
-    """The complexity bias for one vocabulary (build once per tokenizer: scoring takes seconds)."""
+    """The complexity bias for one vocabulary (build once per tokenizer with :func:`guide_for`: scoring takes
+    seconds)."""
 
     scores: tuple[tuple[int, float], ...]
     """(token id, syllable score) for every token that lengthens words."""
     sentence_ends: tuple[int, ...]
+    _biases: dict[tuple[int, float], dict[int, float]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Any) -> ReadingLevelGuide:
@@ -99,10 +101,25 @@ class ReadingLevelGuide:
         )
 
     def logit_bias(self, complexity: int, strength: float = DEFAULT_STRENGTH) -> dict[int, float]:
-        """The bias for a complexity level: empty at the top level or at strength 0."""
-        scale = strength * (MAX_LEVEL - complexity) / MAX_LEVEL
-        if scale <= 0:
-            return {}
-        bias = {token: round(-scale * score, 4) for token, score in self.scores}
-        bias.update({token: round(scale, 4) for token in self.sentence_ends})
-        return bias
+        """The bias for a complexity level: empty at the top level or at strength 0. Made once per level and
+        strength and shared, so callers must not change it."""
+        key = (complexity, strength)
+        if key not in self._biases:
+            scale = strength * (MAX_LEVEL - complexity) / MAX_LEVEL
+            bias: dict[int, float] = {}
+            if scale > 0:
+                bias = {token: round(-scale * score, 4) for token, score in self.scores}
+                bias.update({token: round(scale, 4) for token in self.sentence_ends})
+            self._biases[key] = bias
+        return self._biases[key]
+
+
+_GUIDES: dict[tuple[str, int], ReadingLevelGuide] = {}
+
+
+def guide_for(tokenizer: Any) -> ReadingLevelGuide:
+    """One guide per vocabulary: the server's variants and adapters, and the bootstrap's sampler, share it."""
+    key = (str(tokenizer.name_or_path), len(tokenizer))
+    if key not in _GUIDES:
+        _GUIDES[key] = ReadingLevelGuide.from_tokenizer(tokenizer)
+    return _GUIDES[key]

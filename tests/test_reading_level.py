@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from steerserve.reading_level import DEFAULT_STRENGTH, ReadingLevelGuide, piece_text, token_scores
+from steerserve.reading_level import DEFAULT_STRENGTH, ReadingLevelGuide, guide_for, piece_text, token_scores
 
 
 @pytest.mark.parametrize(("piece", "score", "ends"), [
@@ -50,3 +50,9 @@ def test_bias_grows_linearly_from_none_at_level_4(tiny_model_dir: Path) -> None:
         assert middle[token] == pytest.approx(plainest[token] / 2)
     assert all(plainest[token] == DEFAULT_STRENGTH for token in guide.sentence_ends)
     assert set(plainest) == {token for token, _ in guide.scores} | set(guide.sentence_ends)
+    assert guide.logit_bias(0) is plainest  # made once per level and strength, shared by every request
+
+
+def test_one_guide_per_vocabulary(tiny_model_dir: Path) -> None:
+    first, again = AutoTokenizer.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert guide_for(first) is guide_for(again)

