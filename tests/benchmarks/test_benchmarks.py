@@ -109,14 +109,23 @@ def test_steerability_on_a_given_server(bench_server, tmp_path: Path, data_files
         tmp_path / "steerability.md").read_text()
 
 
+def _one_prompt_sweep(url: str, data_files) -> list[str]:
+    prompts, _ = data_files
+    return ["steerability", "--quick", "--url", url, "--prompts", str(prompts), "--num-prompts", "1",
+            "--answer-tokens", "8"]
+
+
+def _refused(args: list[str], out: Path) -> None:
+    """A bad flag value stops the benchmark before it asks or writes anything (argparse's exit 2)."""
+    with pytest.raises(SystemExit) as bad:
+        main([*args, "--output", str(out)])
+    assert bad.value.code == 2 and not out.exists()
+
+
 def test_steerability_holds_other_sliders(bench_server, tmp_path: Path, data_files) -> None:
     """--hold goes through the attribute codec; the sweeps share the request where both hold the same line."""
-    prompts, _ = data_files
-    args = ["steerability", "--quick", "--url", bench_server.url, "--prompts", str(prompts), "--num-prompts", "1",
-            "--answer-tokens", "8"]
-    with pytest.raises(SystemExit) as bad:
-        main([*args, "--output", str(tmp_path / "bad"), "--hold", "quality:7"])
-    assert bad.value.code == 2 and not (tmp_path / "bad").exists()
+    args = _one_prompt_sweep(bench_server.url, data_files)
+    _refused([*args, "--hold", "quality:7"], tmp_path / "bad")
     assert main([*args, "--output", str(tmp_path), "--hold", "quality:3,complexity:1"]) == 0
     result = _outputs(tmp_path, "steerability")
     answers = result["variants"]["tiny:bf16 (transformers)"]["answers"]
@@ -127,12 +136,8 @@ def test_steerability_holds_other_sliders(bench_server, tmp_path: Path, data_fil
 
 
 def test_steerability_sweeps_only_the_sliders_asked_for(bench_server, tmp_path: Path, data_files) -> None:
-    prompts, _ = data_files
-    args = ["steerability", "--quick", "--url", bench_server.url, "--prompts", str(prompts), "--num-prompts", "1",
-            "--answer-tokens", "8"]
-    with pytest.raises(SystemExit) as bad:
-        main([*args, "--output", str(tmp_path / "bad"), "--sliders", "length"])
-    assert bad.value.code == 2 and not (tmp_path / "bad").exists()
+    args = _one_prompt_sweep(bench_server.url, data_files)
+    _refused([*args, "--sliders", "length"], tmp_path / "bad")
     assert main([*args, "--output", str(tmp_path), "--sliders", "complexity"]) == 0
     result = _outputs(tmp_path, "steerability")
     variant = result["variants"]["tiny:bf16 (transformers)"]
