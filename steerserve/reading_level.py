@@ -114,12 +114,15 @@ class ReadingLevelGuide:
         return self._biases[key]
 
 
-_GUIDES: dict[tuple[str, int], ReadingLevelGuide] = {}
+_GUIDES: dict[int, ReadingLevelGuide] = {}
 
 
 def guide_for(tokenizer: Any) -> ReadingLevelGuide:
-    """One guide per vocabulary: the server's variants and adapters, and the bootstrap's sampler, share it."""
-    key = (str(tokenizer.name_or_path), len(tokenizer))
+    """One guide per vocabulary: the server's variants and adapters, and the bootstrap's sampler, share it.
+
+    Keyed by the vocabulary itself, not the tokenizer's folder: the default model's adapters each carry a copy
+    of its tokenizer, and scoring it again per adapter would add seconds to every start."""
+    key = hash(frozenset(tokenizer.get_vocab().items()))
     if key not in _GUIDES:
         _GUIDES[key] = ReadingLevelGuide.from_tokenizer(tokenizer)
     return _GUIDES[key]
