@@ -8,12 +8,13 @@ and on transformers) is started as its own ``steerserve serve`` process, once
 for all selected benchmarks, then stopped; references run after the last server.
 A ``SUMMARY.md`` gathers every table of the run. Steerability and MCQ keep each finished variant under
 ``OUTPUT/.partial/``, steerability each answer too: the same command run again after an interruption measures
-only the rest.
+only the rest. ``--rescore RESULT`` measures a finished steerability result's stored answers again (benchmarks.rescore).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -42,6 +43,9 @@ def _parser(modules: dict[str, ModuleType]) -> argparse.ArgumentParser:
                         help="a 'steerserve serve --model' spec to start (repeat); default: the default model "
                              "on vllm and on transformers")
     parser.add_argument("--server-arg", action="append", default=[], help="extra flag for started servers")
+    parser.add_argument("--rescore", type=Path, metavar="RESULT.json[.gz]",
+                        help="steerability only: measure a finished result's stored answers again with today's "
+                             "measures (no server) and write its outputs to --output")
     for module in modules.values():
         module.add_arguments(parser)
     return parser
@@ -83,12 +87,31 @@ def run(args: argparse.Namespace, modules: dict[str, ModuleType]) -> dict[str, d
     return written
 
 
+def _rescore(parser: argparse.ArgumentParser, args: argparse.Namespace,
+             modules: dict[str, ModuleType]) -> dict[str, dict[str, Path]]:
+    """``--rescore``: a steerability result measured again from its answers (benchmarks.rescore)."""
+    from steerserve.benchmarks.rescore import rescore
+
+    if args.name != "steerability":
+        parser.error("--rescore applies to the steerability benchmark only")
+    if not args.rescore.is_file():
+        parser.error(f"--rescore: no such file {args.rescore}")
+    try:
+        return {"steerability": rescore(args.rescore, args.output, parser.parse_args(["steerability"]), modules)}
+    except (ValueError, KeyError, json.JSONDecodeError, OSError) as error:
+        parser.error(f"--rescore: {args.rescore}: {error}")
+
+
 def main(argv: list[str]) -> int:
     modules = _modules()
-    args = _parser(modules).parse_args(argv)
+    parser = _parser(modules)
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per /metrics scrape otherwise
-    written = run(args, modules)
+    if args.rescore is not None:
+        written = _rescore(parser, args, modules)
+    else:
+        written = run(args, modules)
     summary = "\n".join(paths["markdown"].read_text() for paths in written.values())
     (args.output / "SUMMARY.md").write_text(summary)
     print(summary)

@@ -27,7 +27,7 @@ from steerserve.training.output import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
-NOT_MEASUREMENT = frozenset({"output", "url", "model", "name"})
+NOT_MEASUREMENT = frozenset({"output", "url", "model", "name", "rescore"})
 """Arguments that choose where results go or which served models to pick, not how each is measured: a rerun
 may name more models, or the same server on another port, and still reuse what was measured."""
 

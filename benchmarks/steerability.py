@@ -5,7 +5,8 @@
 For each variant, every prompt is answered (greedy, or sampled with
 ``--temperature``) at each level of one slider while the others keep their
 defaults. Reported per level: mean
-characters and mean Flesch-Kincaid grade (textstat); per slider: Spearman
+characters and mean Flesch-Kincaid grade of the answer's prose (``measures.fk_grade``: code blocks dropped, a
+line break ends a sentence); per slider: Spearman
 correlation between level and measure over all answers. The HelpSteer paper's
 figures are shown beside ours: chars 422 -> 1125 across verbosity, FKGL 8.49 -> 9.10
 across complexity (SteerLM 43B). Each sweep is checked against the project's
@@ -30,7 +31,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from steerserve.measures import chars, fk_grade, mean, spearman
+from steerserve.measures import FK_MEASURE, chars, fk_grade, mean, spearman
 from steerserve.benchmarks.partial import AnswerLog
 from steerserve.benchmarks.report import figure, markdown_table
 from steerserve.benchmarks.servers import BenchTarget
@@ -296,5 +297,5 @@ def finish(results: dict[str, dict[str, Any]], refs: dict[str, Any],
         ax.set_ylabel("mean characters" if measure == "chars" else "Flesch-Kincaid grade")
         ax.set_xticks(LEVELS)
         ax.legend(fontsize=7)
-    payload = {"variants": results, "paper": PAPER, "paper_source": PAPER_SOURCE}
+    payload = {"variants": results, "paper": PAPER, "paper_source": PAPER_SOURCE, "measures": {"fkgl": FK_MEASURE}}
     return payload, text, fig

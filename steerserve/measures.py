@@ -12,8 +12,8 @@ verbosity or complexity), following the HelpSteer annotation guidelines' wording
 
 * complexity - "how sophisticated the language is": 0 basic (anyone, a child),
   1 simple (some schooling), 2 intermediate (high school), 3 advanced (college),
-  4 expert. Measured as the Flesch-Kincaid grade, bucketed at US school stages
-  (:data:`FK_GRADE_BOUNDS`).
+  4 expert. Measured as the Flesch-Kincaid grade of the answer's prose
+  (:func:`prose`), bucketed at US school stages (:data:`FK_GRADE_BOUNDS`).
 * verbosity - "length relative to what the prompt calls for": the response's
   word count as a quantile among the responses to the same prompt (the prompt is
   the category), in fifths; prompts with fewer than :data:`MIN_GROUP` responses
@@ -77,12 +77,58 @@ def _ensure_cmudict() -> None:
     nltk.data.path.insert(0, str(root))
 
 
+FK_MEASURE = "flesch-kincaid grade of the prose: fenced code dropped, a line break ends a sentence"
+"""What :func:`fk_grade` measures, recorded beside benchmark results (earlier results graded the raw text)."""
+
+_FENCE = re.compile(r"^\s*(```|~~~)")
+_LINE_MARKER = re.compile(r"^\s*(?:#{1,6}\s+|>\s*|[-*+\u2022]\s+|\d{1,3}[.)]\s+)")
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]*$")
+
+
+def prose_lines(text: str) -> list[str]:
+    """The sentences of a markdown answer, line by line, as a reading-level formula expects them.
+
+    Flesch-Kincaid counts sentences by their final marks, so an answer's code (``print(x)`` has no sentences),
+    its list items and headings (no final stop) merge into one "sentence" hundreds of words long: a looping
+    list or a code block reads as grade 50-130 although no line is harder than the rest. Fenced code blocks
+    are dropped (also one left open where the answer was cut), list, heading and quote markers and inline-code
+    backticks are removed, and every non-blank line ends its sentence (a stop is added where none is)."""
+    lines: list[str] = []
+    in_code = False
+    for line in text.splitlines():
+        if _FENCE.match(line):
+            in_code = not in_code
+            continue
+        line = _LINE_MARKER.sub("", line).replace("`", "").strip()
+        if in_code or not line:
+            continue
+        lines.append(line if _SENTENCE_END.search(line) else line.rstrip(":;,") + ".")
+    return lines
+
+
+def prose(text: str) -> str:
+    """:func:`prose_lines` as one text."""
+    return " ".join(prose_lines(text))
+
+
 def fk_grade(text: str) -> float:
-    """Flesch-Kincaid grade level; NaN for an empty answer, which has no readability."""
+    """Flesch-Kincaid grade level of the answer's :func:`prose_lines`; NaN where it has no words (empty, or
+    code only): such an answer has no reading level.
+
+    The formula is textstat's - 0.39 words per sentence + 11.8 syllables per word - 15.59, with its word and
+    syllable counts (CMU dictionary) - but sentences are counted line by line: textstat ignores "sentences" of
+    one or two words (abbreviations such as "e.g."), which would otherwise merge a list of short items into one
+    sentence; a line always counts at least one."""
     import textstat
 
     _ensure_cmudict()
-    return float(textstat.flesch_kincaid_grade(text)) if text.strip() else math.nan
+    lines = prose_lines(text)
+    joined = " ".join(lines)
+    word_count = textstat.lexicon_count(joined)
+    if not word_count:
+        return math.nan
+    sentences = sum(textstat.sentence_count(line) for line in lines)
+    return 0.39 * word_count / sentences + 11.8 * textstat.syllable_count(joined) / word_count - 15.59
 
 
 def ranks(values: Sequence[float]) -> list[float]:
@@ -131,7 +177,7 @@ LEVELS = 5
 
 
 def complexity_level(text: str) -> int:
-    """Complexity 0-4 from the Flesch-Kincaid grade (an empty text reads as level 0)."""
+    """Complexity 0-4 from the Flesch-Kincaid grade (a text without prose, empty or code only, reads as level 0)."""
     grade = fk_grade(text)
     if math.isnan(grade):
         return 0

@@ -7,9 +7,10 @@ import math
 from pathlib import Path
 
 import pytest
+import textstat
 
 from steerserve.benchmarks.cli import main
-from steerserve.measures import chars, fk_grade, ranks, spearman
+from steerserve.measures import FK_MEASURE, chars, fk_grade, prose_lines, ranks, spearman
 from steerserve.benchmarks.servers import parse_metrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -147,6 +148,43 @@ def test_steerability_sweeps_only_the_sliders_asked_for(bench_server, tmp_path: 
     assert "by **complexity** level" in text and "by **verbosity** level" not in text
 
 
+def test_a_finished_result_is_measured_again_from_its_answers(bench_server, tmp_path: Path, data_files) -> None:
+    """--rescore rebuilds the outputs from the stored texts: the same numbers while the measures are the same,
+    today's grade for an answer whose stored grade is stale, the run's own settings, and no server asked."""
+    import gzip
+
+    assert main([*_one_prompt_sweep(bench_server.url, data_files), "--output", str(tmp_path / "run"),
+                 "--sliders", "complexity"]) == 0
+    stored = json.loads((tmp_path / "run" / "steerability.json").read_text())
+    assert stored["measures"]["fkgl"] == FK_MEASURE
+    assert main(["steerability", "--rescore", str(tmp_path / "run" / "steerability.json"),
+                 "--output", str(tmp_path / "same")]) == 0
+    same = _outputs(tmp_path / "same", "steerability")
+    label = "tiny:bf16 (transformers)"
+    assert same["variants"][label]["summary"] == stored["variants"][label]["summary"]
+    assert same["config"] == stored["config"] and same["rescored"]["fkgl"] == FK_MEASURE
+
+    listing = "Steps:\n\n- Open the box\n- Take the cup\n- Pour the tea\n\n```python\nprint(sorted(values))\n```"
+    stale = stored["variants"][label]["answers"][0]
+    stale.update(text=listing, fkgl=42.0)
+    old = tmp_path / "old.json.gz"
+    with gzip.open(old, "wt") as handle:
+        json.dump(stored, handle)
+    assert main(["steerability", "--rescore", str(old), "--output", str(tmp_path / "new")]) == 0
+    new = _outputs(tmp_path / "new", "steerability")
+    level = str(stale["level"])
+    answers = new["variants"][label]["answers"]
+    assert answers[0]["fkgl"] == pytest.approx(fk_grade(listing)) and answers[0]["fkgl"] < 4
+    assert new["variants"][label]["summary"]["complexity"]["fkgl"][level] == pytest.approx(
+        sum(a["fkgl"] for a in answers if str(a["level"]) == level) / sum(str(a["level"]) == level for a in answers))
+    assert "Re-measured" in (tmp_path / "new" / "steerability.md").read_text()
+
+    _refused(["latency_memory", "--rescore", str(old)], tmp_path / "bad")
+    (tmp_path / "latency.json").write_text(json.dumps({"variants": {label: {"summary": {}}}}))
+    _refused(["steerability", "--rescore", str(tmp_path / "latency.json")], tmp_path / "bad")
+    _refused(["steerability", "--rescore", str(tmp_path / "missing.json")], tmp_path / "bad")
+
+
 def test_steerability_sampled_answers_are_seeded(bench_server, tmp_path: Path, data_files) -> None:
     """--temperature samples with seed + prompt index: the same command gives the same answers, unlike greedy."""
     prompts, _ = data_files
@@ -222,6 +260,22 @@ def test_measures() -> None:
     assert fk_grade("The cat sat on the mat.") < fk_grade(
         "Photosynthesis converts electromagnetic radiation into chemical energy through chlorophyll.")
     assert math.isnan(fk_grade("   "))
+    assert fk_grade("It was the best of times, it was the worst of times, it was the age of wisdom.") == (
+        pytest.approx(textstat.flesch_kincaid_grade("It was the best of times, it was the worst of times, it was "
+                                                    "the age of wisdom.")))  # plain prose: textstat's grade
+
+
+def test_reading_grade_is_the_prose_s() -> None:
+    """Code, list markers and line breaks: a list of short lines reads as short sentences, code is not read."""
+    answer = ("# Plan\n\nHere is the plan:\n\n1. Buy milk\n2) Feed the cat\n- Call `mom` today!\n> Quoted line\n\n"
+              "```python\nfor value in sorted(collection): print(value)\n```\n\n~~~\nunterminated_code_block(")
+    assert prose_lines(answer) == ["Plan.", "Here is the plan.", "Buy milk.", "Feed the cat.", "Call mom today!",
+                                   "Quoted line."]
+    looping = "\n".join(["- The first point: the main features of the two models are"] * 40)
+    assert fk_grade(looping) < 8 < textstat.flesch_kincaid_grade(looping)  # one 480-word "sentence" raw
+    assert math.isnan(fk_grade("```\nx = compute(y)\n```"))  # code alone has no reading level
+    short_items = "\n".join(["Design"] * 30)  # textstat drops one-word "sentences": 30 words in one
+    assert fk_grade(short_items) == pytest.approx(0.39 * 1 + 11.8 * 2 - 15.59)
     assert ranks([3, 1, 3]) == [2.5, 1.0, 2.5]
     assert spearman([0, 1, 2, 3], [1, 2, 3, 4]) == pytest.approx(1.0)
     assert spearman([0, 0, 1, 1, 2], [3, 1, 4, 1, 5]) == pytest.approx(0.6488856845)  # scipy.stats.spearmanr
