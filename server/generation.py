@@ -94,6 +94,7 @@ class Generator:
         frequency_penalty: float = 0.0,
         repetition_penalty: float = 1.0,
         logit_bias: LogitBias | None = None,
+        guidance: LogitBias | None = None,
     ) -> Prepared:
         self.admit(variant)
         ids = variant.tokenize(prompt)
@@ -110,6 +111,7 @@ class Generator:
             frequency_penalty=frequency_penalty,
             repetition_penalty=repetition_penalty,
             logit_bias=logit_bias,
+            guidance=guidance,
         )
         return Prepared(variant, prompt, ids, options, random_id("req"))
 

@@ -65,17 +65,15 @@ class CompletionService:
         return variant.render([{"role": "user", "content": prompt}], attributes)
 
     def _logit_bias(self, variant: Variant, request) -> LogitBias | None:  # noqa: ANN001
-        """The caller's ``logit_bias`` (ids checked against the vocabulary) on top of the complexity slider's."""
-        sent = None
-        if request.logit_bias:
-            vocab = len(variant.tokenizer)
-            for token in request.logit_bias:
-                if int(token) >= vocab:
-                    raise APIError(400, f"logit_bias: token id {token} is outside the vocabulary of {variant.id} "
-                                        f"(0-{vocab - 1})", param="logit_bias")
-            sent = LogitBias.of({int(token): bias for token, bias in request.logit_bias.items()})
-        slider = variant.complexity_bias(request.attributes)
-        return slider.merged(sent) if slider is not None else sent
+        """The caller's ``logit_bias``, its ids checked against the vocabulary."""
+        if not request.logit_bias:
+            return None
+        vocab = len(variant.tokenizer)
+        for token in request.logit_bias:
+            if int(token) >= vocab:
+                raise APIError(400, f"logit_bias: token id {token} is outside the vocabulary of {variant.id} "
+                                    f"(0-{vocab - 1})", param="logit_bias")
+        return LogitBias.of({int(token): bias for token, bias in request.logit_bias.items()})
 
     def _prepare(self, variant: Variant, prompt: str, request, field: str) -> Prepared:  # noqa: ANN001
         requested = getattr(request, "max_completion_tokens", None) or request.max_tokens
@@ -94,6 +92,7 @@ class CompletionService:
             frequency_penalty=request.frequency_penalty,
             repetition_penalty=request.repetition_penalty,
             logit_bias=self._logit_bias(variant, request),
+            guidance=variant.complexity_bias(request.attributes),
         )
 
     def render(self, request: RenderRequest) -> RenderResponse:

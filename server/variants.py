@@ -89,7 +89,7 @@ class Variant:
         level = resolve_attributes(attributes)["complexity"]
         if level not in self.complexity_biases:
             bias = self.reading_guide.logit_bias(level, self.reading_level_guidance)
-            self.complexity_biases[level] = LogitBias.of(bias)
+            self.complexity_biases[level] = LogitBias.of(bias, (level, self.reading_level_guidance))
         bias = self.complexity_biases[level]
         return bias if bias.ids else None
 
@@ -158,6 +158,7 @@ def build_variant(spec: VariantSpec, settings: ServerSettings, path: Path) -> Va
         enforce_eager=settings.enforce_eager,
         tensor_parallel_size=tensor_parallel,
         pipeline_parallel_size=pipeline_parallel,
+        reading_level_guidance=guidance_strength(spec, settings),
         extra=dict(spec.engine_args),
     )
     return Variant(

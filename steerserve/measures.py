@@ -13,7 +13,7 @@ verbosity or complexity), following the HelpSteer annotation guidelines' wording
 * complexity - "how sophisticated the language is": 0 basic (anyone, a child),
   1 simple (some schooling), 2 intermediate (high school), 3 advanced (college),
   4 expert. Measured as the Flesch-Kincaid grade of the answer's prose
-  (:func:`prose`), bucketed at US school stages (:data:`FK_GRADE_BOUNDS`).
+  (:func:`prose_lines`), bucketed at US school stages (:data:`FK_GRADE_BOUNDS`).
 * verbosity - "length relative to what the prompt calls for": the response's
   word count as a quantile among the responses to the same prompt (the prompt is
   the category), in fifths; prompts with fewer than :data:`MIN_GROUP` responses
@@ -104,11 +104,6 @@ def prose_lines(text: str) -> list[str]:
             continue
         lines.append(line if _SENTENCE_END.search(line) else line.rstrip(":;,") + ".")
     return lines
-
-
-def prose(text: str) -> str:
-    """:func:`prose_lines` as one text."""
-    return " ".join(prose_lines(text))
 
 
 def fk_grade(text: str) -> float:

@@ -45,6 +45,8 @@ class EngineConfig:
     """vLLM: GPUs each layer is split across (CUDA only)."""
     pipeline_parallel_size: int = 1
     """vLLM: GPUs the layers are staged across (CUDA only)."""
+    reading_level_guidance: float = 0.0
+    """The variant's reading-level guidance strength: vLLM installs its reading-level logits processor when > 0."""
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
     """Engine-specific arguments passed through unchanged (e.g. vLLM engine args)."""
 
@@ -75,10 +77,14 @@ class LogitBias:
 
     ids: tuple[int, ...]
     values: tuple[float, ...]
+    reading_level: tuple[int, float] | None = None
+    """(complexity level, strength) where this is the reading-level guide's bias: an engine holding the guide
+    itself (vLLM's, :mod:`~steerserve.server.engines.vllm_reading_level`) applies it from these two numbers."""
 
     @classmethod
-    def of(cls, bias: Mapping[int, float]) -> LogitBias:
-        return cls(tuple(int(token) for token in bias), tuple(float(value) for value in bias.values()))
+    def of(cls, bias: Mapping[int, float], reading_level: tuple[int, float] | None = None) -> LogitBias:
+        return cls(tuple(int(token) for token in bias), tuple(float(value) for value in bias.values()),
+                   reading_level)
 
     def merged(self, other: LogitBias | None) -> LogitBias:
         """Both biases summed per token (a caller's ``logit_bias`` on top of the slider's)."""
@@ -116,6 +122,14 @@ class SamplingOptions:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: LogitBias | None = None
+    """The caller's ``logit_bias``."""
+    guidance: LogitBias | None = None
+    """The complexity slider's reading-level bias (None at level 4 or with guidance off)."""
+
+    @functools.cached_property
+    def total_logit_bias(self) -> LogitBias | None:
+        """Everything added to the logits: the slider's bias and the caller's, summed per token."""
+        return self.guidance.merged(self.logit_bias) if self.guidance is not None else self.logit_bias
 
     @property
     def greedy(self) -> bool:
@@ -129,7 +143,7 @@ class SamplingOptions:
     @property
     def adjusts_logits(self) -> bool:
         """Whether the logits change before the argmax: a logit bias or any penalty."""
-        return self.penalized or bool(self.logit_bias and self.logit_bias.ids)
+        return self.penalized or bool(self.total_logit_bias and self.total_logit_bias.ids)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -40,8 +40,9 @@ def apply_penalties(logits: torch.Tensor, prompt_ids: Seq[int], output_ids: Seq[
 def adjust_logits(logits: torch.Tensor, prompt_ids: Seq[int], output_ids: Seq[int],
                   options: SamplingOptions) -> None:
     """One row of float32 ``logits`` biased, then penalised, in place (vLLM's order)."""
-    if options.logit_bias is not None and options.logit_bias.ids:
-        ids, values = options.logit_bias.tensors
+    bias = options.total_logit_bias
+    if bias is not None and bias.ids:
+        ids, values = bias.tensors
         keep = ids < logits.shape[-1]
         logits[ids[keep]] += values[keep]
     if options.penalized:

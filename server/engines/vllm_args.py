@@ -146,6 +146,10 @@ def lora_rank_slot(rank: int) -> int:
     raise ValueError(f"LoRA rank {rank} is above vLLM's largest max_lora_rank {LORA_RANKS[-1]}")
 
 
+READING_LEVEL_PROCESSOR = "steerserve.server.engines.vllm_reading_level:ReadingLevelLogitsProcessor"
+"""The reading-level guidance processor, by the name vLLM loads it with in its engine process."""
+
+
 def engine_kwargs(config: EngineConfig, platform: VLLMPlatform, lora: LoRASlots | None = None) -> dict[str, Any]:
     """``AsyncEngineArgs`` keyword arguments for one variant; ``config.extra`` overrides any of them."""
     check_parallel(config.tensor_parallel_size, config.pipeline_parallel_size, platform)
@@ -171,6 +175,8 @@ def engine_kwargs(config: EngineConfig, platform: VLLMPlatform, lora: LoRASlots 
         # taking the variant down for everyone. (tests/server/test_reliability.py reproduces it.)
         kwargs["enable_chunked_prefill"] = False
     kwargs.update(_quantization(config.precision, platform))
+    if config.reading_level_guidance > 0:
+        kwargs["logits_processors"] = [READING_LEVEL_PROCESSOR]
     if lora is not None:
         kwargs.update(enable_lora=True, max_lora_rank=lora.max_lora_rank)
         kwargs["max_loras"] = kwargs["max_cpu_loras"] = _lora_slot_count(lora, platform)

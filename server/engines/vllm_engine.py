@@ -49,9 +49,11 @@ from steerserve.server.engines.base import (
     GenerationDelta,
     SamplingOptions,
 )
-from steerserve.server.engines.vllm_args import LoRASlots, detect_platform, engine_kwargs, lora_rank_slot
+from steerserve.server.engines.vllm_args import (READING_LEVEL_PROCESSOR, LoRASlots, detect_platform, engine_kwargs,
+                                                 lora_rank_slot)
 from steerserve.server.engines.vllm_args import configure_cpu_threads as _configure_cpu_threads
 from steerserve.server.engines.vllm_lora import VLLMAdapterEngine, lora_problems
+from steerserve.server.engines.vllm_reading_level import READING_LEVEL_ARG
 from steerserve.server.engines.vllm_stats import StepStatLogger, StepStats
 from steerserve.server.engines.weights import checkpoint_weight_bytes
 
@@ -80,6 +82,8 @@ class VLLMEngine(Engine):
         self._adapters: dict[str, VLLMAdapterEngine] = {}
         """Adapter name -> its view (served as LoRA by this engine, registered before start)."""
         self._active: set[str] = set()
+        self._guides_reading_level = False
+        """Whether the engine runs the reading-level processor (vllm_reading_level), set when it starts."""
         self._start_lock = asyncio.Lock()
 
     # ----------------------------------------------------------------- lifecycle
@@ -100,6 +104,7 @@ class VLLMEngine(Engine):
             Path(self.config.model), args.dtype, fp8=args.quantization == "fp8"
         )
         self._kv_cache_usage = 0.0
+        self._guides_reading_level = READING_LEVEL_PROCESSOR in (args.logits_processors or ())
         self._engine = engine
         logger.info("vLLM engine ready: %s (%s)", self.config.model, self.config.precision.value)
 
@@ -151,7 +156,7 @@ class VLLMEngine(Engine):
         self._check_prompt_length(request.prompt_token_ids, options.max_tokens)
         # vLLM refuses n > 1 with greedy decoding; the n greedy choices are identical: decode once.
         copies = options.n if options.greedy else 1
-        params = _sampling_params(options, n=options.n // copies)
+        params = _sampling_params(options, n=options.n // copies, guided=self._guides_reading_level)
         started: set[int] = set()
         stream = self._stream(engine, request.prompt_token_ids, params, request.request_id, lora)
         # aclosing: when our consumer leaves early, close (and so abort) the vLLM request now.
@@ -296,7 +301,11 @@ class VLLMEngine(Engine):
         return InvalidRequest(text)
 
 
-def _sampling_params(options: SamplingOptions, n: int) -> SamplingParams:
+def _sampling_params(options: SamplingOptions, n: int, guided: bool = False) -> SamplingParams:
+    """vLLM's parameters for ``options``. With the reading-level processor installed (``guided``), the slider's
+    bias travels as its (level, strength) and only the caller's ``logit_bias`` as a map; else both as one map."""
+    reading_level = options.guidance.reading_level if guided and options.guidance is not None else None
+    bias = options.logit_bias if reading_level is not None else options.total_logit_bias
     try:
         return SamplingParams(
             n=n,
@@ -309,7 +318,8 @@ def _sampling_params(options: SamplingOptions, n: int) -> SamplingParams:
             presence_penalty=options.presence_penalty,
             frequency_penalty=options.frequency_penalty,
             repetition_penalty=options.repetition_penalty,
-            logit_bias=options.logit_bias.as_dict if options.logit_bias else None,
+            logit_bias=bias.as_dict if bias else None,
+            extra_args={READING_LEVEL_ARG: list(reading_level)} if reading_level is not None else None,
             output_kind=RequestOutputKind.DELTA,
         )
     except VLLMValidationError as exc:

@@ -17,12 +17,14 @@ from steerserve.server.engines.base import (
     EngineNotReady,
     EngineRequest,
     GenerationDelta,
+    LogitBias,
     SamplingOptions,
 )
 
 pytest.importorskip("vllm")
 from steerserve.server.engines.vllm_args import detect_platform  # noqa: E402
-from steerserve.server.engines.vllm_engine import VLLMEngine, checkpoint_weight_bytes  # noqa: E402
+from steerserve.server.engines.vllm_engine import VLLMEngine, _sampling_params, checkpoint_weight_bytes  # noqa: E402
+from steerserve.server.engines.vllm_reading_level import READING_LEVEL_ARG  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.asyncio(loop_scope="module")]
 
@@ -31,9 +33,8 @@ PROMPT = "Question: What is the capital of France? Answer:"
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def engine(tiny_model_dir: Path):
-    eng = VLLMEngine(
-        EngineConfig(model=str(tiny_model_dir), precision=Precision.BF16, max_model_len=512, kv_cache_gib=1)
-    )
+    eng = VLLMEngine(EngineConfig(model=str(tiny_model_dir), precision=Precision.BF16, max_model_len=512,
+                                  kv_cache_gib=1, reading_level_guidance=2.0))
     eng.steps = []  # batch sizes reported through on_step
     eng.on_step = eng.steps.append
     await eng.start()
@@ -136,6 +137,48 @@ async def test_greedy_n_choices_are_identical(engine: VLLMEngine, prompt_ids: li
     deltas = await collect(engine, request(prompt_ids, "greedy-n", max_tokens=5, n=3, temperature=0.0))
     assert {d.index for d in deltas} == {0, 1, 2}
     assert text_of(deltas, 0) == text_of(deltas, 1) == text_of(deltas, 2) != ""
+
+
+def _reading_level_biases(tiny_model_dir: Path, level: int = 0, strength: float = 2.0) -> tuple[LogitBias, LogitBias]:
+    """The slider's bias at ``level`` as the server makes it (tagged with its level), and the same as a bare map."""
+    from transformers import AutoTokenizer
+
+    from steerserve.reading_level import guide_for
+
+    bias = guide_for(AutoTokenizer.from_pretrained(tiny_model_dir)).logit_bias(level, strength)
+    return LogitBias.of(bias, (level, strength)), LogitBias.of(bias)
+
+
+async def test_reading_level_guidance_runs_inside_vllm(engine: VLLMEngine, prompt_ids: list[int],
+                                                       tiny_model_dir: Path) -> None:
+    """The slider's bias sent as (level, strength) to the engine's own processor decodes exactly as the same
+    bias sent as a logit_bias map, alone, beside unguided requests in one batch, and under a caller's bias."""
+    assert engine._guides_reading_level  # reading_level_guidance > 0: the processor is installed
+    guided, as_map = _reading_level_biases(tiny_model_dir)
+    args = dict(max_tokens=16, temperature=0.0, ignore_eos=True)
+
+    async def text(rid: str, **options) -> str:
+        return text_of(await collect(engine, request(prompt_ids, rid, **args, **options)))
+
+    inside, mapped, plain = await text("rl-in", guidance=guided), await text("rl-map", logit_bias=as_map), \
+        await text("rl-plain")
+    assert inside == mapped != plain
+    batch = await asyncio.gather(*(text(f"rl-mix{i}", **({"guidance": guided} if i % 2 else {})) for i in range(6)))
+    assert batch == [plain, inside] * 3
+    forced = LogitBias.of({prompt_ids[-1]: 100.0})
+    on_top = await text("rl-forced", guidance=guided, logit_bias=forced)
+    assert on_top == await text("rl-forced-map", logit_bias=as_map.merged(forced))
+
+
+async def test_guidance_travels_as_level_and_strength_only_where_the_processor_runs(tiny_model_dir: Path) -> None:
+    guided, _ = _reading_level_biases(tiny_model_dir, level=1, strength=3.0)
+    caller = LogitBias.of({5: -4.0})
+    options = SamplingOptions(max_tokens=4, guidance=guided, logit_bias=caller)
+    inside = _sampling_params(options, n=1, guided=True)
+    assert inside.extra_args == {READING_LEVEL_ARG: [1, 3.0]} and inside.logit_bias == {5: -4.0}
+    outside = _sampling_params(options, n=1, guided=False)
+    assert not outside.extra_args and outside.logit_bias == options.total_logit_bias.as_dict
+    assert outside.logit_bias[5] == guided.as_dict.get(5, 0.0) - 4.0
 
 
 async def test_stop_string_cuts_the_text(engine: VLLMEngine, prompt_ids: list[int]) -> None:
