@@ -15,7 +15,6 @@ the penalties), so answers match the ``logit_bias`` path token for token.
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING
 
 import torch
@@ -25,7 +24,6 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, proces
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
-logger = logging.getLogger(__name__)
 
 READING_LEVEL_ARG = "steerserve_reading_level"
 """``SamplingParams.extra_args`` key: ``[complexity level, strength]``."""

@@ -7,6 +7,7 @@ GPU machine. The last tests check the arguments against the installed vllm packa
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 from pathlib import Path
 from typing import get_args
@@ -17,6 +18,7 @@ from steerserve.precision import NEEDS_CPU_AVX512, NEEDS_CUDA, SERVING_ENGINES, 
 from steerserve.server.engines.base import EngineConfig, EngineError
 from steerserve.server.engines.vllm_args import (
     LORA_RANKS,
+    READING_LEVEL_PROCESSOR,
     LoRASlots,
     VLLMPlatform,
     check_parallel,
@@ -113,6 +115,16 @@ def test_bitsandbytes_precisions_compute_in_float32_where_bf16_is_emulated() -> 
         assert compute_dtype_name(precision, on_cpu=True, native_bf16=True) == "bfloat16"
         assert compute_dtype_name(precision, on_cpu=False, native_bf16=False) == "bfloat16"
     assert compute_dtype_name(Precision.GPTQ_W4, on_cpu=True, native_bf16=False) == "bfloat16"
+
+
+def test_the_reading_level_processor_runs_only_where_guidance_is_on() -> None:
+    assert "logits_processors" not in engine_kwargs(config(), CPU)
+    assert engine_kwargs(config(reading_level_guidance=2.0), CPU)["logits_processors"] == [READING_LEVEL_PROCESSOR]
+    module, name = READING_LEVEL_PROCESSOR.split(":")
+    pytest.importorskip("vllm")
+    from vllm.v1.sample.logits_processor import LogitsProcessor
+
+    assert issubclass(getattr(importlib.import_module(module), name), LogitsProcessor)  # vLLM's loader finds it
 
 
 def test_extra_engine_args_override_everything() -> None:
@@ -231,7 +243,7 @@ def test_every_argument_is_an_async_engine_args_field_on_every_platform() -> Non
         for precision in vllm_precisions():
             if precision_unavailable(precision, platform):
                 continue
-            cfg = config(precision, tensor_parallel_size=2 if not platform.is_cpu else 1)
+            cfg = config(precision, tensor_parallel_size=2 if not platform.is_cpu else 1, reading_level_guidance=2.0)
             kwargs = engine_kwargs(cfg, platform, LoRASlots(2, 8))
             assert set(kwargs) <= fields, set(kwargs) - fields
             AsyncEngineArgs(**kwargs)  # the dataclass accepts them (validation happens at engine build)
