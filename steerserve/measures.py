@@ -171,12 +171,21 @@ MIN_GROUP = 4  # responses a prompt needs before its own length distribution def
 LEVELS = 5
 
 
-def complexity_level(text: str) -> int:
-    """Complexity 0-4 from the Flesch-Kincaid grade (a text without prose, empty or code only, reads as level 0)."""
+def label_grade(text: str) -> float:
+    """:func:`fk_grade` for labelling: a reply that is code alone ranks above every grade, an empty one below.
+
+    A label needs a value where a benchmark may leave one out: by the HelpSteer guidelines' wording complexity is
+    the depth of knowledge writing the reply takes, and a reply that is nothing but code takes the domain
+    knowledge of the top level; an empty reply takes none."""
     grade = fk_grade(text)
-    if math.isnan(grade):
-        return 0
-    return sum(grade >= bound for bound in FK_GRADE_BOUNDS)
+    if not math.isnan(grade):
+        return grade
+    return math.inf if text.strip() else -math.inf
+
+
+def complexity_level(text: str) -> int:
+    """Complexity 0-4 from the Flesch-Kincaid grade of the prose (code alone: 4; empty: 0; :func:`label_grade`)."""
+    return sum(label_grade(text) >= bound for bound in FK_GRADE_BOUNDS)
 
 
 def words(text: str) -> int:
@@ -215,6 +224,5 @@ def relative_complexity_levels(texts: Sequence[str], groups: Sequence[str]) -> l
     The absolute scale (:func:`complexity_level`) ties a label to the question as much as to the answer: replies
     about chemistry read at grade 14 however plainly they are put, so a model trained on it learns which topics
     are hard, not how to say one thing plainly. Ranked within a prompt's replies, like verbosity, the label says
-    which of them is plainer. An empty text ranks lowest."""
-    grades = [fk_grade(text) for text in texts]
-    return group_levels([-math.inf if math.isnan(grade) else grade for grade in grades], groups)
+    which of them is plainer. An empty text ranks lowest, code alone highest (:func:`label_grade`)."""
+    return group_levels([label_grade(text) for text in texts], groups)

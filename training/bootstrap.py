@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import random
 import statistics
 from collections.abc import Callable, Sequence
@@ -129,11 +130,13 @@ def grade_spread(samples: Sequence[dict[str, Any]]) -> dict[int, float]:
 
     Tells before any training whether the instructions spread reading level at all (complexity labels are
     measured, so the AC-SFT set can only hold the spread the samples have). The median, because one run-on
-    reply without a full stop scores grade 40 or more; capped replies are left out as annotate leaves them out.
+    reply without a full stop scores grade 40 or more; capped replies are left out as annotate leaves them out, and
+    so are replies without prose (code only: no reading level, NaN).
     """
     finished = [row for row in samples if row["finish_reason"] != "length"]
-    return {level: round(statistics.median(grades), 1)
-            for level, grades in by_instructed_level(finished, "complexity", fk_grade).items()}
+    graded = {level: [grade for grade in grades if not math.isnan(grade)]
+              for level, grades in by_instructed_level(finished, "complexity", fk_grade).items()}
+    return {level: round(statistics.median(grades), 1) for level, grades in graded.items() if grades}
 
 
 def run(config: BootstrapConfig, output: Path, force: bool = False,

@@ -5,6 +5,7 @@ bootstrap (samples across instructed levels) -> annotate (APM + measured verbosi
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -50,9 +51,11 @@ def test_a_second_round_of_samples_pairs_the_levels_anew() -> None:
 
 def test_grade_spread_is_the_median_grade_of_finished_samples() -> None:
     plain, technical = "The cat sat. It was big.", "Thermodynamic irreversibility characterises macroscopic processes."
+    code = "```python\nprint(sorted(values))\n```"  # no prose, no reading level: left out
     samples = [{"response": text, "instructed": {"complexity": level}, "finish_reason": finish}
                for text, level, finish in [(plain, 0, "stop"), (plain, 0, "stop"), (technical, 0, "stop"),
-                                           (technical, 4, "stop"), (plain, 4, "length")]]
+                                           (technical, 4, "stop"), (plain, 4, "length"), (code, 4, "stop"),
+                                           (code, 2, "stop")]]
     assert grade_spread(samples) == {0: round(fk_grade(plain), 1), 4: round(fk_grade(technical), 1)}
 
 
@@ -119,6 +122,9 @@ def test_measured_labels_follow_their_definitions() -> None:
         "constituents nevertheless obey time-symmetric dynamical equations.")
     assert complexity_level(plain) == 0 < complexity_level(expert) == 4
     assert fk_grade(expert) >= FK_GRADE_BOUNDS[-1]
+    code = "```python\nprint(sorted(values))\n```"  # no prose: no grade, but a label (the depth code takes)
+    assert math.isnan(fk_grade(code)) and complexity_level(code) == 4 and complexity_level("  ") == 0
+    assert relative_complexity_levels([code, plain, expert, "", plain], ["p"] * 5) == [4, 2, 3, 0, 2]
     texts = ["a", "a b", "a b c", "a b c d", "a b c d e"] + ["one two three"]
     assert verbosity_levels(texts, ["p"] * 5 + ["lonely"]) == [0, 1, 2, 3, 4, 2]
 
