@@ -20,7 +20,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from steerserve.measures import FK_MEASURE, chars, fk_grade
+from steerserve.measures import FK_MEASURE
 
 
 def load_result(path: Path) -> dict[str, Any]:
@@ -36,7 +36,7 @@ def load_result(path: Path) -> dict[str, Any]:
 
 def remeasure(result: dict[str, Any], steerability: ModuleType) -> dict[str, Any]:
     """One variant's result with every answer measured again and its summary rebuilt."""
-    answers = [{**a, "chars": chars(a["text"]), "fkgl": fk_grade(a["text"])} for a in result["answers"]]
+    answers = [steerability.measured(a) for a in result["answers"]]
     return {**result, "answers": answers, "summary": steerability.summarize(answers)}
 
 

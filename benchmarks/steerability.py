@@ -142,15 +142,14 @@ async def _answers(target: BenchTarget, prompts: list[str], max_tokens: int, par
     async def one(client: AsyncSteerClient, log: AnswerLog | None, key: Any, name: str, level: int,
                   i: int) -> dict[str, Any]:
         if log is not None and ids[key] in log.answers:
-            return log.answers[ids[key]]
+            return measured(log.answers[ids[key]])  # logged by an earlier run, perhaps under older measures
         seeded = {**params, "seed": params["seed"] + i} if "seed" in params else params
         async with limit:
             reply = await client.chat(target.model, prompts[i], attributes={**held, name: level},
                                       max_tokens=max_tokens, **seeded)
         bar.update(1)
-        text = reply.choices[0].message.content
-        answer = {"text": text, "chars": chars(text), "fkgl": fk_grade(text),
-                  "tokens": reply.usage.completion_tokens, "finish_reason": reply.choices[0].finish_reason}
+        answer = measured({"text": reply.choices[0].message.content, "tokens": reply.usage.completion_tokens,
+                           "finish_reason": reply.choices[0].finish_reason})
         if log is not None:
             log.append(ids[key], answer)
         return answer
@@ -164,6 +163,11 @@ async def _answers(target: BenchTarget, prompts: list[str], max_tokens: int, par
     by_request = dict(zip(requests, replies))
     return [{"slider": name, "level": level, "prompt": i, **by_request[request_key(name, level, i)]}
             for name, level, i in jobs]
+
+
+def measured(answer: dict[str, Any]) -> dict[str, Any]:
+    """An answer with its measures (characters, reading grade) taken from its text now."""
+    return {**answer, "chars": chars(answer["text"]), "fkgl": fk_grade(answer["text"])}
 
 
 def target_check(name: str, per_level: dict[int, float]) -> dict[str, Any]:

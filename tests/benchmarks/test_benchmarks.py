@@ -234,12 +234,13 @@ def test_a_sweep_stopped_mid_variant_goes_on_from_its_logged_answers(bench_serve
     for out, config in ((tmp_path / "again", first["config"]), (tmp_path / "other", {**first["config"], "seed": 9})):
         with PartialResults(out, config).answer_log("steerability", label) as log:
             for answer in answers[:3]:
-                log.append(logged_id(answer), {**answer, "text": "LOGGED BEFORE THE KILL"} if answer is answers[0]
-                           else answer)
+                log.append(logged_id(answer), {**answer, "text": "LOGGED BEFORE THE KILL", "fkgl": 99.0}
+                           if answer is answers[0] else answer)
         with log.path.open("a") as cut:
             cut.write('{"id": "0|complexity:0')
     again = bench(tmp_path / "again")["variants"][label]["answers"]
-    assert [a["text"] for a in again[:1]] == ["LOGGED BEFORE THE KILL"]  # not asked again
+    assert [a["text"] for a in again[:1]] == ["LOGGED BEFORE THE KILL"]  # not asked again,
+    assert again[0]["fkgl"] == pytest.approx(fk_grade("LOGGED BEFORE THE KILL"))  # but measured by today's measures
     assert [a["text"] for a in again[1:]] == [a["text"] for a in answers[1:]]  # the rest asked (greedy: the same)
     other = bench(tmp_path / "other")["variants"][label]["answers"]  # a log of other arguments is not this run's
     assert [a["text"] for a in other] == [a["text"] for a in answers]
