@@ -87,8 +87,7 @@ def run(args: argparse.Namespace, modules: dict[str, ModuleType]) -> dict[str, d
     return written
 
 
-def _rescore(parser: argparse.ArgumentParser, args: argparse.Namespace,
-             modules: dict[str, ModuleType]) -> dict[str, dict[str, Path]]:
+def _rescore(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, dict[str, Path]]:
     """``--rescore``: a steerability result measured again from its answers (benchmarks.rescore)."""
     from steerserve.benchmarks.rescore import rescore
 
@@ -97,7 +96,7 @@ def _rescore(parser: argparse.ArgumentParser, args: argparse.Namespace,
     if not args.rescore.is_file():
         parser.error(f"--rescore: no such file {args.rescore}")
     try:
-        return {"steerability": rescore(args.rescore, args.output, parser.parse_args(["steerability"]), modules)}
+        return {"steerability": rescore(args.rescore, args.output, parser.parse_args(["steerability"]))}
     except (ValueError, KeyError, json.JSONDecodeError, OSError) as error:
         parser.error(f"--rescore: {args.rescore}: {error}")
 
@@ -109,7 +108,7 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per /metrics scrape otherwise
     if args.rescore is not None:
-        written = _rescore(parser, args, modules)
+        written = _rescore(parser, args)
     else:
         written = run(args, modules)
     summary = "\n".join(paths["markdown"].read_text() for paths in written.values())

@@ -17,9 +17,9 @@ import gzip
 import json
 import time
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
+from steerserve.benchmarks import steerability
 from steerserve.measures import FK_MEASURE
 
 
@@ -34,7 +34,7 @@ def load_result(path: Path) -> dict[str, Any]:
     return payload
 
 
-def remeasure(result: dict[str, Any], steerability: ModuleType) -> dict[str, Any]:
+def remeasure(result: dict[str, Any]) -> dict[str, Any]:
     """One variant's result with every answer measured again and its summary rebuilt."""
     answers = [steerability.measured(a) for a in result["answers"]]
     return {**result, "answers": answers, "summary": steerability.summarize(answers)}
@@ -50,14 +50,13 @@ def stored_arguments(payload: dict[str, Any], defaults: argparse.Namespace) -> a
     return args
 
 
-def rescore(path: Path, output: Path, defaults: argparse.Namespace, modules: dict[str, ModuleType]) -> dict[str, Path]:
+def rescore(path: Path, output: Path, defaults: argparse.Namespace) -> dict[str, Path]:
     """Write ``OUTPUT/steerability.{json,md,png}`` from the result at ``path``; returns their paths."""
     from steerserve.benchmarks.report import write_outputs
 
-    steerability = modules["steerability"]
     payload = load_result(path)
     args = stored_arguments(payload, defaults)
-    results = {label: remeasure(r, steerability) for label, r in payload["variants"].items()}
+    results = {label: remeasure(r) for label, r in payload["variants"].items()}
     rebuilt, markdown, fig = steerability.finish(results, {}, args)
     for key in ("config", "environment", "seconds"):
         if key in payload:
