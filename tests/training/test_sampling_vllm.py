@@ -62,7 +62,7 @@ def test_killing_the_training_process_stops_its_vllm_engine(tmp_path: Path, tiny
 
 
 def test_guided_vllm_samples_read_plainer(tmp_path: Path, tiny_model_dir: Path) -> None:
-    """The bootstrap's reading-level guidance through vLLM's own logit-bias processor."""
+    """The bootstrap's reading-level guidance through the server's reading-level processor inside vLLM."""
     from training_helpers import guided_pair
 
     (plain_score, plain_ends), (guided_score, guided_ends) = guided_pair("vllm", tiny_model_dir, tmp_path)
