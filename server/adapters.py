@@ -5,7 +5,10 @@ MB; serving each as a full checkpoint costs a full copy of the weights. An adapt
 names its base (``base=`` a model id, or a name); on the vLLM engine the adapter becomes a
 ``LoRARequest`` on the base's engine (one copy of the weights, one batch). Where the base's
 engine cannot apply it (the transformers and llama.cpp engines, DoRA, ``merged=true``...)
-the merged checkpoint gets an engine of its own and ``/v1/models`` says why::
+the merged checkpoint gets an engine of its own and ``/v1/models`` says why. A bitsandbytes
+base (nf4, int8) on the transformers engine keeps the adapter unmerged on an engine of its
+own instead: a merge would re-quantize the sum, rounding most of the update away (an
+adapter trained on that base with ``lora_base_precision: nf4`` is meant to be served so)::
 
     steerserve serve --model ./tiny,name=tiny --model ./runs/sft-lora,base=tiny:bf16
 
@@ -48,6 +51,10 @@ class AdapterSource:
         """The largest rank of any module (``rank_pattern`` may raise some above ``r``)."""
         return max([int(self.config["r"]), *map(int, (self.config.get("rank_pattern") or {}).values())])
 
+    def tokenizer_dir(self, base_path: Path) -> Path:
+        """The adapter's own tokenizer when it saved one, else its base's."""
+        return self.adapter_dir if (self.adapter_dir / "tokenizer_config.json").is_file() else base_path
+
     @property
     def default_name(self) -> str:
         """The training output's name for ``OUTPUT/adapter``, else the adapter directory's."""
@@ -88,9 +95,10 @@ def build_adapter_variant(spec: VariantSpec, settings: ServerSettings, base: Var
     source = find_adapter(Path(spec.path).expanduser().resolve())
     name = spec.name or source.manifest.get("name") or source.default_name
     model_id = f"{name}:{base.precision.value}"
-    tokenizer = source.adapter_dir if (source.adapter_dir / "tokenizer_config.json").is_file() else base.path
+    tokenizer = source.tokenizer_dir(base.path)
     steering = spec.steering or source.manifest.get("steering")
     reason = "merged=true was asked for" if spec.merged else None
+    _check_trained_precision(source, model_id, base)
     if reason is None:
         try:
             engine = base.engine.adapter_engine(AdapterConfig(model_id, str(source.adapter_dir), source.rank))
@@ -103,7 +111,34 @@ def build_adapter_variant(spec: VariantSpec, settings: ServerSettings, base: Var
                 tokenizer_path=tokenizer, base=base.id, served_as="lora", served_as_reason=None, prepare=None,
                 reading_level_guidance=guidance_strength(spec, settings), reading_guide=None, complexity_biases={},
             )
+    if not base.precision.is_float and base.engine_name == "transformers" and not spec.merged:
+        return _unmerged_variant(spec, settings, base, source, model_id, reason)
     return _merged_variant(spec, settings, base, source, model_id, reason)
+
+
+def _check_trained_precision(source: AdapterSource, model_id: str, base: Variant) -> None:
+    """Warn when a QLoRA adapter is served on another precision than the one it was trained on."""
+    trained_on = (source.manifest.get("hyperparameters") or {}).get("lora_base_precision")
+    if trained_on and trained_on != base.precision.value:
+        logger.warning("adapter %s was trained on a %s base and is served on %s (%s): it learned around "
+                       "the %s rounding, which this base does not have", model_id, trained_on, base.id,
+                       base.precision.value, trained_on)
+
+
+def _unmerged_variant(
+    spec: VariantSpec, settings: ServerSettings, base: Variant, source: AdapterSource, model_id: str, reason: str
+) -> Variant:
+    """The base's weights in their (bitsandbytes) precision, the adapter unmerged beside them, on its own engine."""
+    unmerged_spec = spec.model_copy(update={
+        "path": str(base.path), "name": model_id.rpartition(":")[0], "precision": base.precision.value,
+        "engine": base.engine_name, "steering": spec.steering or source.manifest.get("steering"), "base": None,
+    })
+    variant = build_variant(unmerged_spec, settings, base.path, adapter=source.adapter_dir)
+    why = f"{reason}; a merge into {base.precision.value} weights would round the adapter away"
+    logger.info("adapter %s served unmerged on %s weights: %s", model_id, base.precision.value, why)
+    tokenizer = source.tokenizer_dir(base.path)
+    return dataclasses.replace(variant, path=source.adapter_dir, tokenizer_path=tokenizer, manifest=source.manifest,
+                               base=base.id, served_as="unmerged", served_as_reason=why)
 
 
 def _merged_variant(

@@ -235,10 +235,11 @@ class ModelCard(BaseModel):
     base: str | None = None
     """For a LoRA adapter: the model id it is applied to."""
     adapter: bool = False
-    served_as: Literal["lora", "merged"] | None = None
-    """For a LoRA adapter: applied per request on the base's engine, or its merged checkpoint on its own."""
+    served_as: Literal["lora", "merged", "unmerged"] | None = None
+    """For a LoRA adapter: applied per request on the base's engine, its merged checkpoint on an engine of its
+    own, or (a quantized base on the transformers engine) the base's weights with the adapter kept unmerged."""
     served_as_reason: str | None = None
-    """Why an adapter is served merged (one line)."""
+    """Why an adapter is not applied per request on its base's engine (one line)."""
     reading_level_guidance: float = 0.0
     """Logits per syllable the complexity slider pushes with at level 0 (0: the prompt alone steers it)."""
 

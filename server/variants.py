@@ -57,9 +57,10 @@ class Variant:
     base: str | None = None
     """For a LoRA adapter: the model id of the variant it is applied to."""
     served_as: str | None = None
-    """For a LoRA adapter: "lora" (applied per request on the base's engine) or "merged" (own engine)."""
+    """For a LoRA adapter: "lora" (applied per request on the base's engine), "merged" or "unmerged" (own
+    engine; unmerged on a quantized base)."""
     served_as_reason: str | None = None
-    """Why an adapter is served merged, in one line."""
+    """Why an adapter is not applied per request on its base's engine, in one line."""
     prepare: Callable[[], None] | None = None
     """Blocking work before the engine starts (merging an adapter into a cache dir); run off the loop."""
     reading_level_guidance: float = 0.0
@@ -140,8 +141,9 @@ def _parallel_sizes(engine_name: str, settings: ServerSettings) -> tuple[int, in
     return sizes
 
 
-def build_variant(spec: VariantSpec, settings: ServerSettings, path: Path) -> Variant:
-    """Resolve names, precision, engine and steering for one spec (no weights loaded yet)."""
+def build_variant(spec: VariantSpec, settings: ServerSettings, path: Path, adapter: Path | None = None) -> Variant:
+    """Resolve names, precision, engine and steering for one spec (no weights loaded yet); ``adapter`` is kept
+    unmerged on the weights (EngineConfig.adapter)."""
     manifest = read_manifest(path)
     precision = Precision(spec.precision or manifest.get("precision") or Precision.BF16.value)
     engine_name = _pick_engine(precision, spec.engine, settings.engine)
@@ -159,6 +161,7 @@ def build_variant(spec: VariantSpec, settings: ServerSettings, path: Path) -> Va
         tensor_parallel_size=tensor_parallel,
         pipeline_parallel_size=pipeline_parallel,
         reading_level_guidance=guidance_strength(spec, settings),
+        adapter=str(adapter) if adapter else None,
         extra=dict(spec.engine_args),
     )
     return Variant(

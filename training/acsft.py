@@ -42,6 +42,7 @@ class ACSFTRecipeConfig(BaseConfig, LoraFields):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.check_lora()
         self.check_choice("data_format", FORMATS)
         self.check_extra_formats(FORMATS)
         self.check_choice("steering", CONDITIONED)

@@ -26,6 +26,8 @@ import yaml
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TINY_MODELS = ("tiny", "tiny-raw")
 DEFAULT_MODEL = "default"
+QLORA_PRECISIONS = ("nf4",)
+"""Base precisions a LoRA run can train on (``lora_base_precision``): bitsandbytes 4-bit, as the server loads it."""
 
 C = TypeVar("C", bound="CommonConfig")
 
@@ -136,6 +138,21 @@ class LoraFields:
                                             "Module names that get adapters.")
     lora_layers: int | None = option(None, "Adapters only in the last N decoder layers (null: all). Backward "
                                            "stops below the lowest adapter, so a CPU step costs much less.")
+    lora_base_precision: str | None = option(
+        None, "QLoRA: hold the frozen base in this bitsandbytes precision (nf4) while the adapter trains, so the "
+              "adapter learns around the quantization error of the variant that will serve it. Serve the adapter "
+              "on that precision of the base (unmerged: merging into 4-bit weights rounds most of it away); the "
+              "output's top level is the dequantized base with the adapter merged, in float.")
+
+    def check_lora(self) -> None:
+        """ConfigError naming the LoRA field that cannot work."""
+        if self.lora_base_precision is None:
+            return
+        if not self.lora:
+            raise ConfigError("lora_base_precision: a quantized base trains only an adapter; set lora: true")
+        if self.lora_base_precision not in QLORA_PRECISIONS:
+            raise ConfigError(f"lora_base_precision: {self.lora_base_precision!r} is not one of "
+                              f"{', '.join(QLORA_PRECISIONS)}")
 
 
 def parse_source(entry: str) -> tuple[str, str, int | None]:

@@ -47,6 +47,7 @@ class DPORecipeConfig(BaseConfig, LoraFields):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.check_lora()
         self.check_choice("data_format", FORMATS)
         self.check_extra_formats(FORMATS)
         self.check_choice("loss_type", LOSS_TYPES)

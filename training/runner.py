@@ -85,12 +85,23 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_causal_lm(path: str) -> Any:
-    """The base LM in float32 (CPU training; mixed precision is the trainer's ``bf16``)."""
+def load_causal_lm(path: str, precision: str | None = None) -> Any:
+    """The base LM in float32 (CPU training; mixed precision is the trainer's ``bf16``).
+
+    With ``precision`` (QLoRA's ``lora_base_precision``) its linear layers are quantized at load exactly as
+    the transformers engine quantizes that variant (same ``BitsAndBytesConfig``), computing in float32.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if precision is None:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    from steerserve.precision import Precision
+    from steerserve.server.engines.base import EngineConfig
+    from steerserve.server.engines.hf_engine import load_kwargs
+
+    kwargs = load_kwargs(EngineConfig(model=path, precision=Precision(precision)), compute_dtype="float32")
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
 
 
 # ---- prompts: the serving renderer, so serving sees the training text --------
@@ -218,7 +229,7 @@ def trl_trainer_kwargs(config: BaseConfig, run_dir: RunDir, base: str, tokenizer
     from datasets import Dataset
 
     return {
-        "model": load_causal_lm(base),
+        "model": load_causal_lm(base, getattr(config, "lora_base_precision", None)),
         "train_dataset": Dataset.from_list(train),
         "eval_dataset": Dataset.from_list(test) if test else None,
         "processing_class": tokenizer,
@@ -259,8 +270,24 @@ def lora_config(config: LoraFields, task_type: str = "CAUSAL_LM", base: str | No
                       layers_to_transform=layers)
 
 
+def adapters_in_float32(trainer: Trainer) -> None:
+    """Trainable weights back to float32 where the trainer runs in float32.
+
+    TRL casts a quantized base's LoRA weights to bfloat16 (for GPU mixed precision); on a CPU run without
+    ``bf16`` that only coarsens the adapter and its optimizer state, so it trains in float32 like any LoRA.
+    """
+    import torch
+
+    if trainer.args.bf16 or trainer.args.fp16:
+        return
+    for param in trainer.model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+
+
 def train(trainer: Trainer, run_dir: RunDir) -> dict[str, Any]:
     """Train, resuming from the work dir's last checkpoint; returns the train metrics."""
+    adapters_in_float32(trainer)
     checkpoint = run_dir.last_checkpoint()
     if checkpoint:
         logger.info("resuming from %s", checkpoint)
@@ -283,9 +310,27 @@ def save_model(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, work: Path)
     if hasattr(model, "merge_and_unload"):
         model.save_pretrained(work / "adapter")
         tokenizer.save_pretrained(work / "adapter")
-        model = model.merge_and_unload()
+        model = merge_dequantized(model, work / "adapter") if is_quantized(model) else model.merge_and_unload()
     model.save_pretrained(work)
     tokenizer.save_pretrained(work)
+
+
+def is_quantized(model: Any) -> bool:
+    """Whether the (PEFT-wrapped) model holds bitsandbytes weights: a QLoRA run."""
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+
+
+def merge_dequantized(model: Any, adapter_dir: Path) -> Any:
+    """A QLoRA model as one float checkpoint: the 4-bit base dequantized, the saved adapter merged into it.
+
+    peft's own merge into 4-bit layers re-quantizes the sum, and the 4-bit grid is coarser than most of
+    the adapter's update; the dequantized base holds exactly the weights the adapter was trained against.
+    """
+    import torch
+    from peft import PeftModel
+
+    base = model.unload().dequantize(dtype=torch.float32)  # adapter layers removed unmerged, then float weights
+    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
 
 
 def save_sharded(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, work: Path) -> None:

@@ -45,6 +45,7 @@ class SFTRecipeConfig(BaseConfig, LoraFields):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.check_lora()
         self.check_choice("data_format", (*CHAT_FORMATS, *MCQ_FORMATS))
         self.check_extra_formats(MCQ_FORMATS if self.is_mcq else CHAT_FORMATS)  # MCQ or chat rows, not both
         self.check_choice("steering", runner.STEERING_CHOICES)

@@ -47,6 +47,9 @@ class EngineConfig:
     """vLLM: GPUs the layers are staged across (CUDA only)."""
     reading_level_guidance: float = 0.0
     """The variant's reading-level guidance strength: vLLM installs its reading-level logits processor when > 0."""
+    adapter: str | None = None
+    """A PEFT LoRA adapter kept unmerged beside the loaded weights (transformers engine): for a bitsandbytes
+    base, where a merge would re-quantize the sum and round most of the adapter's update away."""
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
     """Engine-specific arguments passed through unchanged (e.g. vLLM engine args)."""
 

@@ -77,7 +77,8 @@ def load_model(path: str, config: EngineConfig, compute_dtype: str | None = None
 
     A saved nf4 checkpoint brings its own ``bnb_4bit_compute_dtype`` (the quantizing machine's), and
     transformers keeps the saved quantization config over the one passed in; the 4-bit layers are set
-    to this machine's compute dtype after loading (float32 on a CPU without native bf16).
+    to this machine's compute dtype after loading (float32 on a CPU without native bf16). ``config.adapter``
+    is injected unmerged (transformers' PEFT integration) and stays active.
     """
     from transformers import AutoModelForCausalLM
 
@@ -92,6 +93,12 @@ def load_model(path: str, config: EngineConfig, compute_dtype: str | None = None
         for module in model.modules():
             if isinstance(module, bitsandbytes.nn.Linear4bit):
                 module.compute_dtype = dtype
+    if config.adapter:
+        try:
+            model.load_adapter(config.adapter)
+        except ImportError:
+            raise EngineError(f"the adapter {config.adapter} needs peft: pip install -e '.[train]'") from None
+        model.eval()
     return model
 
 

@@ -234,3 +234,24 @@ def test_variant_spec_takes_engine_args_one_variant_at_a_time() -> None:
     assert nested.engine_args == {"speculative_config": {"method": "ngram", "num_speculative_tokens": 4}}
     with pytest.raises(ValueError, match="already a value"):
         VariantSpec.parse("default,engine_args.a=1,engine_args.a.b=2")
+
+
+def test_an_adapter_on_an_nf4_base_is_served_unmerged(
+    tiny_model_dir: Path, adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    """A merge into 4-bit weights would round the adapter away: the nf4 base keeps it unmerged beside them."""
+    pytest.importorskip("bitsandbytes")
+    specs = [VariantSpec.parse(f"{tiny_model_dir},name=tiny,precision=nf4"),
+             VariantSpec.parse(f"{adapters['mcq']},base=tiny:nf4")]
+    settings = ServerSettings(models=specs, engine="transformers", max_model_len=512, kv_cache_gib=1,
+                              cache_dir=tmp_path)
+    with LiveServer(create_app(settings)) as live:
+        cards = {card["id"]: card for card in httpx.get(live.url + "/v1/models").json()["data"]}
+        card = cards["mcq-lora:nf4"]
+        assert (card["served_as"], card["base"], card["precision"], card["ready"]) == ("unmerged", "tiny:nf4",
+                                                                                      "nf4", True)
+        assert "round the adapter away" in card["served_as_reason"]
+        base_probs, probs = mcq(live.url, "tiny:nf4"), mcq(live.url, "mcq-lora:nf4")
+        assert max(abs(probs[k] - base_probs[k]) for k in probs) > 0.01
+        assert mcq(live.url, "tiny:nf4") == pytest.approx(base_probs, abs=1e-6)
+    assert not (tmp_path / "merged").exists()  # nothing was merged

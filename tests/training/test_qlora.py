@@ -1,0 +1,78 @@
+"""QLoRA (``lora_base_precision: nf4``): the adapter trains on the base exactly as the server's nf4 variant
+holds it, the output's top level is that base dequantized with the adapter merged, and the transformers
+engine serves the adapter unmerged on the nf4 weights with the same logits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from training_helpers import FAST, run_recipe
+
+from steerserve.precision import Precision
+from steerserve.server.engines.base import EngineConfig
+from steerserve.server.engines.hf_engine import load_model
+from steerserve.training.acsft import ACSFTRecipeConfig
+from steerserve.training.config import ConfigError, load_config
+from steerserve.training.manifest import read_manifest
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
+pytest.importorskip("bitsandbytes")
+
+UNTOUCHED = "model.layers.0.mlp.gate_proj.weight"
+"""A 4-bit linear weight without an adapter (the recipe's default targets are the attention projections)."""
+
+
+@pytest.fixture(scope="module")
+def qlora_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, attribute_file: Path) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "acsft-nf4"
+    settings = [f"model={tiny_model_dir}", f"data={attribute_file}", "data_format=helpsteer", *FAST[:-1],
+                "lora=true", "lora_r=4", "lora_base_precision=nf4", "learning_rate=0.02"]
+    return run_recipe("acsft", out, settings)
+
+
+def logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([[1, 5, 9, 22, 40, 7, 3, 11]])).logits[0].float()
+
+
+def served(base: Path, adapter: Path | None) -> torch.nn.Module:
+    """The model as the transformers engine loads an nf4 variant (with an unmerged adapter), in float32."""
+    config = EngineConfig(model=str(base), precision=Precision.NF4, adapter=str(adapter) if adapter else None)
+    return load_model(str(base), config, compute_dtype="float32")
+
+
+def test_the_adapter_trains_in_float32_on_the_nf4_base(qlora_run: Path, tiny_model_dir: Path) -> None:
+    import bitsandbytes.functional as bnbf
+
+    manifest = read_manifest(qlora_run)
+    assert manifest["hyperparameters"]["lora_base_precision"] == "nf4" and manifest["steps"] == 3
+    adapter = load_file(qlora_run / "adapter" / "adapter_model.safetensors")
+    assert adapter and all(t.dtype == torch.float32 for t in adapter.values())  # not TRL's bf16 cast
+    assert max(float(t.abs().max()) for k, t in adapter.items() if "lora_B" in k) > 0  # B starts at zero
+    base, merged = load_file(tiny_model_dir / "model.safetensors"), load_file(qlora_run / "model.safetensors")
+    weight = base[UNTOUCHED].float()
+    packed, state = bnbf.quantize_4bit(weight, blocksize=64, quant_type="nf4")
+    rounded = bnbf.dequantize_4bit(packed, state)
+    assert float((rounded - weight).abs().max()) > 1e-4  # nf4 moves the weight...
+    torch.testing.assert_close(merged[UNTOUCHED].float(), rounded, rtol=0, atol=1e-6)  # ...and that is what trained
+
+
+def test_served_unmerged_on_nf4_it_answers_as_the_merged_float_checkpoint(qlora_run: Path, tiny_model_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    with_adapter = logits(served(tiny_model_dir, qlora_run / "adapter"))
+    merged = logits(AutoModelForCausalLM.from_pretrained(qlora_run, dtype=torch.float32).eval())
+    torch.testing.assert_close(with_adapter, merged, rtol=0, atol=2e-3)
+    assert float((with_adapter - logits(served(tiny_model_dir, None))).abs().max()) > 1e-2  # the adapter acts
+
+
+def test_a_quantized_base_needs_lora_and_a_known_precision(attribute_file: Path) -> None:
+    common = [f"data={attribute_file}", "data_format=helpsteer"]
+    with pytest.raises(ConfigError, match="lora_base_precision: .*lora: true"):
+        load_config(ACSFTRecipeConfig, None, [*common, "lora=false", "lora_base_precision=nf4"])
+    with pytest.raises(ConfigError, match="lora_base_precision: 'int4' is not one of nf4"):
+        load_config(ACSFTRecipeConfig, None, [*common, "lora=true", "lora_base_precision=int4"])
+    assert load_config(ACSFTRecipeConfig, None, [*common, "lora=true"]).lora_base_precision is None
