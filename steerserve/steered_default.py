@@ -3,7 +3,9 @@
 ``make steered-default`` trains them (training/recipes/*-default.yaml) and packages each
 run's ``adapter/`` with its manifest into ``models/steered-default/<name>/`` (a few MB each);
 ``steerserve serve`` with no ``--model`` then serves the base model plus one model id per
-shipped adapter, the SteerLM one under :data:`STEERED_ID`::
+shipped adapter, the SteerLM one under :data:`STEERED_ID`. An adapter trained on a quantized
+base (QLoRA, ``lora_base_precision``) is served on the default model in that precision, so
+``steered:nf4`` comes with its own ``smollm2-135m-instruct:nf4`` base::
 
     python -m steerserve.steered_default package runs/steered-default models/steered-default
 """
@@ -20,7 +22,8 @@ from steerserve.staging import staged_directory
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "models" / "steered-default"
 # run name -> model id it is served under
-ADAPTERS = {"acsft": "steered", "dpo-robust": "dpo-robust", "dpo-sigmoid": "dpo-sigmoid", "mcq": "mcq"}
+ADAPTERS = {"acsft": "steered", "acsft-nf4": "steered", "dpo-robust": "dpo-robust", "dpo-sigmoid": "dpo-sigmoid",
+            "mcq": "mcq"}
 STEERED_ID = "steered"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 MAX_CHAIN = 8  # LoRA runs trained on top of each other that package stacks; more is surely a manifest loop
@@ -80,18 +83,31 @@ def package(runs: Path, shipped: Path = SHIPPED_DIR, adapters: Mapping[str, str]
 
 
 def shipped_adapters(shipped: Path = SHIPPED_DIR) -> dict[str, Path]:
-    """Model id -> adapter directory for every packaged adapter present."""
-    return {model_id: shipped / run_name for run_name, model_id in ADAPTERS.items()
+    """Run name -> adapter directory for every packaged adapter present."""
+    return {run_name: shipped / run_name for run_name in ADAPTERS
             if (shipped / run_name / "adapter_config.json").is_file()}
 
 
+def trained_precision(adapter: Path) -> str:
+    """The base precision an adapter was trained on: its manifest's ``lora_base_precision``, else bf16."""
+    from steerserve.precision import Precision
+
+    manifest = json.loads((adapter / "manifest.json").read_text()) if (adapter / "manifest.json").is_file() else {}
+    return (manifest.get("hyperparameters") or {}).get("lora_base_precision") or Precision.BF16.value
+
+
 def default_model_specs(shipped: Path = SHIPPED_DIR) -> list:
-    """What ``steerserve serve`` serves with no ``--model``: the default model and its shipped adapters."""
+    """What ``steerserve serve`` serves with no ``--model``: the default model and its shipped adapters, each on
+    the default model in the precision it was trained on (bf16, the converted checkpoint's, unless QLoRA)."""
     from steerserve.default_model import DEFAULT_MODEL_NAME
+    from steerserve.precision import Precision
     from steerserve.server.settings import VariantSpec
 
-    return [VariantSpec(path="default"), *(VariantSpec(path=str(adapter), base=DEFAULT_MODEL_NAME)
-                                           for adapter in shipped_adapters(shipped).values())]
+    adapters = [(adapter, trained_precision(adapter)) for adapter in shipped_adapters(shipped).values()]
+    quantized = sorted({precision for _, precision in adapters} - {Precision.BF16.value})
+    bases = [VariantSpec(path="default"), *(VariantSpec(path="default", precision=p) for p in quantized)]
+    return [*bases, *(VariantSpec(path=str(adapter), base=f"{DEFAULT_MODEL_NAME}:{precision}")
+                      for adapter, precision in adapters)]
 
 
 if __name__ == "__main__":
