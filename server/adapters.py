@@ -26,6 +26,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from steerserve.precision import lora_base_precision
 from steerserve.prompts import SteeringMethod
 from steerserve.server.engines.base import AdapterConfig, AdaptersUnsupported
 from steerserve.server.settings import ServerSettings, VariantSpec
@@ -118,11 +119,11 @@ def build_adapter_variant(spec: VariantSpec, settings: ServerSettings, base: Var
 
 def _check_trained_precision(source: AdapterSource, model_id: str, base: Variant) -> None:
     """Warn when a QLoRA adapter is served on another precision than the one it was trained on."""
-    trained_on = (source.manifest.get("hyperparameters") or {}).get("lora_base_precision")
-    if trained_on and trained_on != base.precision.value:
-        logger.warning("adapter %s was trained on a %s base and is served on %s (%s): it learned around "
-                       "the %s rounding, which this base does not have", model_id, trained_on, base.id,
-                       base.precision.value, trained_on)
+    trained_on = lora_base_precision(source.manifest)
+    if trained_on is not None and trained_on is not base.precision:
+        logger.warning("adapter %s was trained on a %s base and is served on %s: it learned around the %s "
+                       "rounding, which this base does not have", model_id, trained_on.value, base.id,
+                       trained_on.value)
 
 
 def _unmerged_variant(

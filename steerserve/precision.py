@@ -7,6 +7,8 @@ serving and benchmarks all name precisions through :class:`Precision`.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
+from typing import Any
 
 
 class Precision(str, enum.Enum):
@@ -101,3 +103,9 @@ NEEDS_CUDA: frozenset[tuple[Precision, str]] = frozenset({(Precision.FP8, "vllm"
 # AVX2 one, where such a variant would load and then kill the engine at its first forward pass.
 NEEDS_CPU_AVX512: frozenset[tuple[Precision, str]] = frozenset({(Precision.GPTQ_W4, "vllm"),
                                                                 (Precision.W4A16, "vllm")})
+
+
+def lora_base_precision(manifest: Mapping[str, Any]) -> Precision | None:
+    """The quantized base a LoRA adapter was trained on (QLoRA: its manifest's ``lora_base_precision``), if any."""
+    value = (manifest.get("hyperparameters") or {}).get("lora_base_precision")
+    return Precision(value) if value else None

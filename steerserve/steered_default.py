@@ -89,11 +89,11 @@ def shipped_adapters(shipped: Path = SHIPPED_DIR) -> dict[str, Path]:
 
 
 def trained_precision(adapter: Path) -> str:
-    """The base precision an adapter was trained on: its manifest's ``lora_base_precision``, else bf16."""
-    from steerserve.precision import Precision
+    """The base precision a shipped adapter was trained on: QLoRA's quantized base, else bf16."""
+    from steerserve.precision import Precision, lora_base_precision
 
     manifest = json.loads((adapter / "manifest.json").read_text()) if (adapter / "manifest.json").is_file() else {}
-    return (manifest.get("hyperparameters") or {}).get("lora_base_precision") or Precision.BF16.value
+    return (lora_base_precision(manifest) or Precision.BF16).value
 
 
 def default_model_specs(shipped: Path = SHIPPED_DIR) -> list:

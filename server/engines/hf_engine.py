@@ -17,6 +17,7 @@ import asyncio
 import collections
 import dataclasses
 import gc
+import importlib.util
 import json
 import logging
 import time
@@ -94,10 +95,9 @@ def load_model(path: str, config: EngineConfig, compute_dtype: str | None = None
             if isinstance(module, bitsandbytes.nn.Linear4bit):
                 module.compute_dtype = dtype
     if config.adapter:
-        try:
-            model.load_adapter(config.adapter)
-        except ImportError:
-            raise EngineError(f"the adapter {config.adapter} needs peft: pip install -e '.[train]'") from None
+        if importlib.util.find_spec("peft") is None:  # transformers would say so with a ValueError
+            raise EngineError(f"the adapter {config.adapter} needs peft: pip install -e '.[train]'")
+        model.load_adapter(config.adapter)
         model.eval()
     return model
 

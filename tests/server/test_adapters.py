@@ -255,3 +255,16 @@ def test_an_adapter_on_an_nf4_base_is_served_unmerged(
         assert max(abs(probs[k] - base_probs[k]) for k in probs) > 0.01
         assert mcq(live.url, "tiny:nf4") == pytest.approx(base_probs, abs=1e-6)
     assert not (tmp_path / "merged").exists()  # nothing was merged
+
+
+def test_a_qlora_adapter_on_another_precision_is_served_with_a_warning(
+    tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    qlora = make_adapter(tiny_model_dir, tmp_path / "qlora", seed=4,
+                         manifest={"recipe": "acsft", "hyperparameters": {"lora": True, "lora_base_precision": "nf4"}})
+    specs = [VariantSpec(path=str(tiny_model_dir), name="tiny"), VariantSpec.parse(f"{qlora},base=tiny:bf16")]
+    settings = ServerSettings(models=specs, engine="transformers", max_model_len=512, cache_dir=tmp_path / "cache")
+    with caplog.at_level("WARNING", logger="steerserve.server.adapters"):
+        registry = build_registry(settings)
+    assert "qlora:bf16" in {variant.id for variant in registry.variants.values()}
+    assert "trained on a nf4 base and is served on tiny:bf16" in caplog.text
