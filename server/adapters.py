@@ -126,14 +126,19 @@ def _check_trained_precision(source: AdapterSource, model_id: str, base: Variant
                        trained_on.value)
 
 
+def _own_engine_spec(spec: VariantSpec, base: Variant, source: AdapterSource, model_id: str, path: Path) -> VariantSpec:
+    """The adapter as a checkpoint at ``path`` on an engine of its own like its base's (precision, engine, steering)."""
+    return spec.model_copy(update={
+        "path": str(path), "name": model_id.rpartition(":")[0], "precision": base.precision.value,
+        "engine": base.engine_name, "steering": spec.steering or source.manifest.get("steering"), "base": None,
+    })
+
+
 def _unmerged_variant(
     spec: VariantSpec, settings: ServerSettings, base: Variant, source: AdapterSource, model_id: str, reason: str
 ) -> Variant:
     """The base's weights in their (bitsandbytes) precision, the adapter unmerged beside them, on its own engine."""
-    unmerged_spec = spec.model_copy(update={
-        "path": str(base.path), "name": model_id.rpartition(":")[0], "precision": base.precision.value,
-        "engine": base.engine_name, "steering": spec.steering or source.manifest.get("steering"), "base": None,
-    })
+    unmerged_spec = _own_engine_spec(spec, base, source, model_id, base.path)
     variant = build_variant(unmerged_spec, settings, base.path, adapter=source.adapter_dir)
     why = f"{reason}; a merge into {base.precision.value} weights would round the adapter away"
     logger.info("adapter %s served unmerged on %s weights: %s", model_id, base.precision.value, why)
@@ -153,11 +158,7 @@ def _merged_variant(
     if merged is None:
         merged = merged_cache_dir(settings.cache_dir, source.adapter_dir, base.path)
         prepare = functools.partial(merge_adapter, base.path, source.adapter_dir, merged)
-    name = model_id.rpartition(":")[0]
-    merged_spec = spec.model_copy(update={
-        "path": str(merged), "name": name, "precision": base.precision.value, "engine": base.engine_name,
-        "steering": spec.steering or source.manifest.get("steering"), "base": None,
-    })
+    merged_spec = _own_engine_spec(spec, base, source, model_id, merged)
     variant = build_variant(merged_spec, settings, merged)
     logger.info("adapter %s served merged from %s: %s", model_id, merged, reason)
     return dataclasses.replace(variant, path=source.adapter_dir, tokenizer_path=merged, manifest=source.manifest,
