@@ -64,6 +64,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--repetition-penalty", type=float, default=1.0,
                        help="sent with every answer (default 1: plain greedy). A 135M model loops under greedy "
                             "decoding until the token cap, whatever the slider says; 1.1-1.3 breaks the loops")
+    group.add_argument("--frequency-penalty", type=float, default=0.0,
+                       help="OpenAI frequency penalty sent with every answer (default 0). Unlike the repetition "
+                            "penalty it counts only the answer's own tokens, so the end-of-turn token the prompt "
+                            "holds is not penalised and short answers stay short")
+    group.add_argument("--presence-penalty", type=float, default=0.0,
+                       help="OpenAI presence penalty sent with every answer (default 0; answer tokens only)")
     group.add_argument("--temperature", type=float, default=0.0,
                        help="sampling temperature (default 0: greedy). Sampled answers are seeded per prompt, the "
                             "same seed at every level, so levels differ by the slider alone and reruns agree")
@@ -97,6 +103,9 @@ def decoding(args: argparse.Namespace) -> dict[str, Any]:
         params.update(top_p=args.top_p, seed=args.seed)
     if args.repetition_penalty != 1.0:
         params["repetition_penalty"] = args.repetition_penalty
+    for name in ("frequency_penalty", "presence_penalty"):
+        if getattr(args, name, 0.0):
+            params[name] = getattr(args, name)
     return params
 
 
@@ -104,8 +113,9 @@ def describe_decoding(params: dict[str, Any]) -> str:
     """How the answers were decoded, for the report's first line."""
     text = (f"sampled at temperature {params['temperature']:g}, top-p {params['top_p']:g}, seed {params['seed']}"
             " + prompt index" if params["temperature"] > 0 else "greedy")
-    penalty = params.get("repetition_penalty")
-    return text + (f" with repetition penalty {penalty:g}" if penalty else "")
+    penalties = [f"{name.replace('_', ' ')} {params[name]:g}"
+                 for name in ("repetition_penalty", "frequency_penalty", "presence_penalty") if params.get(name)]
+    return text + (f" with {', '.join(penalties)}" if penalties else "")
 
 
 def answer_id(prompt: str, index: int, attributes: tuple[tuple[str, int], ...], guidance: float = 0.0) -> str:

@@ -295,14 +295,16 @@ def train(trainer: Trainer, run_dir: RunDir) -> dict[str, Any]:
     return {"train_loss": result.training_loss, "train_runtime_s": result.metrics.get("train_runtime")}
 
 
-def save_model(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, work: Path) -> None:
+def save_model(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, work: Path,
+               base_precision: str | None = None) -> None:
     """The full checkpoint at ``work`` (servable); with LoRA also the adapter under ``work/adapter``.
 
     Under a launcher rank 0 writes: with DDP every rank holds the same weights, so the others skip;
-    sharded runs (FSDP, DeepSpeed) go through ``save_sharded``, which needs every rank.
+    sharded runs (FSDP, DeepSpeed) go through ``save_sharded``, which needs every rank and, for QLoRA, the
+    precision the base trained in (``base_precision``) to rebuild it.
     """
     if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
-        save_sharded(trainer, tokenizer, work)
+        save_sharded(trainer, tokenizer, work, base_precision)
         return
     if not distributed.is_main_process():
         return
@@ -327,27 +329,43 @@ def merge_dequantized(model: Any, adapter_dir: Path) -> Any:
     the adapter's update; the dequantized base holds exactly the weights the adapter was trained against.
     """
     import torch
-    from peft import PeftModel
 
     base = model.unload().dequantize(dtype=torch.float32)  # adapter layers removed unmerged, then float weights
+    return merge_adapter(base, adapter_dir)
+
+
+def merge_adapter(base: Any, adapter_dir: Path) -> Any:
+    """``base`` with the adapter saved at ``adapter_dir`` merged into its float weights."""
+    from peft import PeftModel
+
     return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
 
 
-def save_sharded(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, work: Path) -> None:
+def merge_saved_adapter(adapter_dir: Path, base_precision: str | None = None) -> Any:
+    """The merged checkpoint rebuilt from a saved adapter and the base its config names (a sharded run's rank 0
+    holds no whole model to merge into). A QLoRA adapter goes onto its base rounded as it trained (loaded in
+    ``base_precision``, then dequantized), so the result is what ``save_model`` writes in one process."""
+    import torch
+
+    base_path = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base = load_causal_lm(base_path, base_precision)
+    if base_precision is not None:
+        base = base.dequantize(dtype=torch.float32)
+    return merge_adapter(base, adapter_dir)
+
+
+def save_sharded(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, work: Path,
+                 base_precision: str | None = None) -> None:
     """FSDP / ZeRO-3: no rank holds the whole model, so every rank joins ``trainer.save_model``'s gather
     (FULL_STATE_DICT / zero3_save_16bit_model in training/accelerate/) and rank 0 writes; a LoRA adapter
-    saved that way is then merged into its base on rank 0, as ``save_model`` does in one process."""
+    saved that way is then merged into its base on rank 0 (``merge_saved_adapter``)."""
     lora = hasattr(trainer.accelerator.unwrap_model(trainer.model), "merge_and_unload")
     trainer.save_model(str(work / "adapter" if lora else work))
     if not distributed.is_main_process():
         return
     tokenizer.save_pretrained(work)
     if lora:
-        import torch
-        from peft import AutoPeftModelForCausalLM
-
-        merged = AutoPeftModelForCausalLM.from_pretrained(work / "adapter", dtype=torch.float32).merge_and_unload()
-        merged.save_pretrained(work)
+        merge_saved_adapter(work / "adapter", base_precision).save_pretrained(work)
 
 
 def finite_metrics(metrics: dict[str, Any]) -> dict[str, Any]:

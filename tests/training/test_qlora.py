@@ -69,6 +69,20 @@ def test_served_unmerged_on_nf4_it_answers_as_the_merged_float_checkpoint(qlora_
     assert float((with_adapter - logits(served(tiny_model_dir, None))).abs().max()) > 1e-2  # the adapter acts
 
 
+def test_a_sharded_runs_merge_rebuilds_the_same_checkpoint(qlora_run: Path) -> None:
+    """FSDP's rank 0 holds no whole model: it rebuilds the merge from the saved adapter and its base, which for
+    QLoRA must be the nf4-rounded base (the float one would answer differently from the nf4 serving)."""
+    from steerserve.training.runner import merge_saved_adapter
+
+    written = load_file(qlora_run / "model.safetensors")
+    rebuilt = merge_saved_adapter(qlora_run / "adapter", "nf4").state_dict()
+    assert set(written) <= set(rebuilt)
+    for name, weight in written.items():
+        torch.testing.assert_close(rebuilt[name].float(), weight.float(), rtol=0, atol=1e-6, msg=name)
+    on_float = merge_saved_adapter(qlora_run / "adapter").state_dict()
+    assert float((on_float[UNTOUCHED] - written[UNTOUCHED]).abs().max()) > 1e-4
+
+
 def test_a_quantized_base_needs_lora_and_a_known_precision(attribute_file: Path) -> None:
     common = [f"data={attribute_file}", "data_format=helpsteer"]
     with pytest.raises(ConfigError, match="lora_base_precision: .*lora: true"):
