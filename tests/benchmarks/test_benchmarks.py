@@ -204,6 +204,23 @@ def test_steerability_sampled_answers_are_seeded(bench_server, tmp_path: Path, d
     assert ", greedy, max 12 tokens" in (tmp_path / "greedy/steerability.md").read_text()
 
 
+def test_steerability_sends_the_openai_penalties(bench_server, tmp_path: Path, data_files) -> None:
+    """--frequency-penalty / --presence-penalty reach the server with every answer and name the decoding."""
+    prompts, _ = data_files
+    args = ["steerability", "--quick", "--url", bench_server.url, "--prompts", str(prompts), "--num-prompts", "2",
+            "--answer-tokens", "16", "--sliders", "verbosity"]
+    texts = {}
+    for run, extra in (("penalised", ["--frequency-penalty", "2", "--presence-penalty", "1.5"]), ("greedy", [])):
+        assert main([*args, *extra, "--output", str(tmp_path / run)]) == 0
+        result = _outputs(tmp_path / run, "steerability")["variants"]["tiny:bf16 (transformers)"]
+        texts[run] = [a["text"] for a in result["answers"]]
+        if extra:
+            assert result["decoding"] == {"temperature": 0.0, "frequency_penalty": 2.0, "presence_penalty": 1.5}
+    assert texts["penalised"] != texts["greedy"]
+    report = (tmp_path / "penalised/steerability.md").read_text()
+    assert "greedy with frequency penalty 2, presence penalty 1.5" in report
+
+
 def test_a_sweep_stopped_mid_variant_goes_on_from_its_logged_answers(bench_server, tmp_path: Path,
                                                                      data_files) -> None:
     from steerserve.attributes import resolve_attributes
