@@ -1,10 +1,13 @@
 """int8 (LLM.int8) and nf4 with bitsandbytes, served by the transformers engine.
 
-    steerserve quantize default --precision nf4 --output runs/smollm2-nf4
+    steerserve quantize default --precision nf4 --output runs/smollm2-nf4                      # GPTQ rounding
+    steerserve quantize default --precision nf4 --rounding nearest --output runs/smollm2-nf4-rtn
 
 bitsandbytes 0.50.2 quantizes on CPU, and ``save_pretrained`` of the quantized model
 round-trips on CPU (checked: reloaded logits are identical), so the output holds the
 quantized weights and their ``quantization_config``; the engine loads them as they are.
+nf4's codes are chosen by GPTQ on the calibration set unless ``rounding`` is ``nearest``
+(bitsandbytes' own rounding; ``nf4_rounding`` says why).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from steerserve.precision import Precision
+from steerserve.training.quantize.calibration import calibration_entry, calibration_texts
 from steerserve.training.quantize.methods import MethodResult, QuantizeJob, copy_tokenizer, require, versions
 
 INSTALL_HINT = "pip install bitsandbytes==0.50.2 torch==2.13.0 (or: pip install -e '.[quant]')"
@@ -35,16 +39,47 @@ def quantize(job: QuantizeJob, work: Path) -> MethodResult:
     model = AutoModelForCausalLM.from_pretrained(
         str(job.source), dtype=job.precision.torch_dtype_name, quantization_config=config, device_map="cpu"
     )
+    gptq = job.precision is Precision.NF4 and job.rounding == "gptq"
+    calibration = _round_nf4_with_gptq(job, model) if gptq else None
     model.save_pretrained(work)
     copy_tokenizer(job.source, work)
     settings = {k: v for k, v in config.to_dict().items() if k.startswith(("load_in", "bnb_4bit", "llm_int8_thr"))}
+    if job.precision is Precision.NF4:
+        settings["rounding"] = job.rounding
     return MethodResult(
-        method=f"bitsandbytes {job.precision.value}",
+        method=f"bitsandbytes {job.precision.value}" + (", GPTQ rounding" if gptq else ""),
         libraries=versions("bitsandbytes", "torch", "transformers"),
         scorer="transformers",
+        calibration=calibration,
         settings={k: str(v) for k, v in settings.items()},
-        notes=["pre-quantized weights saved with save_pretrained; the transformers engine loads them as saved"],
+        notes=["pre-quantized weights saved with save_pretrained; the transformers engine loads them as saved"]
+        + (["nf4 codes chosen by GPTQ error feedback (Hessians of the unquantized model's layer inputs); "
+            "same codebook, scales and layout as bitsandbytes' own"] if gptq else []),
     )
+
+
+def _round_nf4_with_gptq(job: QuantizeJob, quantized: Any) -> dict[str, Any]:
+    """Replace the nearest-code nf4 bytes of ``quantized`` with GPTQ-chosen ones; returns the calibration entry."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from steerserve.training.quantize.nf4_rounding import gptq_nf4, input_hessians, quantized_linears, write_nf4
+
+    tokenizer = AutoTokenizer.from_pretrained(str(job.source))
+    texts = calibration_texts(job.calibration, job.calibration_samples)
+    batches = [tokenizer(text, return_tensors="pt", truncation=True, max_length=job.calibration_max_tokens).input_ids
+               for text in texts]
+    source = AutoModelForCausalLM.from_pretrained(str(job.source), dtype=torch.float32).eval()
+    hessians = input_hessians(source, batches)
+    targets = dict(quantized.named_modules())
+    for name, linear in quantized_linears(source).items():
+        module = targets.get(name)
+        if module is None or not hasattr(module.weight, "quant_state"):
+            raise RuntimeError(f"{name} was not quantized to nf4 by bitsandbytes; cannot round it with GPTQ")
+        codebook = module.weight.quant_state.code.float().cpu()
+        indices, absmax = gptq_nf4(linear.weight, hessians.pop(name), codebook)
+        write_nf4(module, indices, absmax)
+    return calibration_entry(job.calibration, len(texts), job.calibration_max_tokens)
 
 
 def check(precision: Precision) -> None:

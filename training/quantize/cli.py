@@ -25,6 +25,7 @@ from steerserve.precision import Precision
 logger = logging.getLogger(__name__)
 
 EXIT_UNAVAILABLE = 3
+ROUNDINGS = ("gptq", "nearest")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--calibration", default="oasst1", help="calibration data set: oasst1 or mmlu-dev")
     parser.add_argument("--calibration-samples", type=int, default=128)
     parser.add_argument("--calibration-max-tokens", type=int, default=512, help="tokens kept per calibration text")
+    parser.add_argument("--rounding", choices=ROUNDINGS,
+                        help="nf4 only: how each weight's 4-bit code is chosen: gptq (default; error feedback on "
+                             "the calibration set, same nf4 format) or nearest (bitsandbytes' own rounding)")
     parser.add_argument("--eval-chars", type=int, default=16000, help="held-out characters scored for perplexity")
     parser.add_argument("--mcq-per-subject", type=int, default=2, help="MMLU test questions per subject (57)")
     parser.add_argument("--mcq-items", type=int, help="keep only the first N MCQ items (quick checks)")
@@ -122,6 +126,8 @@ def run(args: argparse.Namespace) -> Path:
     )
     from steerserve.training.quantize.quality import QualityConfig, build_eval_set, measure_source, summarise, SCORERS
 
+    if args.rounding and args.precision is not Precision.NF4:
+        raise ValueError(f"--rounding applies to nf4 only, not {args.precision.value}")
     source = resolve_source(args.source, args.cache_dir)
     info = _source_info(source)
     check_available(args.precision)
@@ -142,7 +148,8 @@ def run(args: argparse.Namespace) -> Path:
     source_quality = measure_source(source, Precision(info["precision"]), eval_set, args.cache_dir)
     logger.info("source quality: %s", source_quality)
     job = QuantizeJob(source, args.precision, args.calibration, args.calibration_samples,
-                      args.calibration_max_tokens, eval_set=None if args.scorer else eval_set)
+                      args.calibration_max_tokens, rounding=args.rounding or "gptq",
+                      eval_set=None if args.scorer else eval_set)
     started = time.monotonic()
     try:
         result = quantizer(job, work)

@@ -1,0 +1,136 @@
+"""nf4 weights chosen by GPTQ error feedback instead of rounding each weight to its nearest code.
+
+bitsandbytes' nf4 stores, for every block of 64 consecutive weights of a row, one float32 scale (the block's
+absolute maximum) and a 4-bit index into a fixed 16-value codebook; ``quantize_4bit`` picks each weight's
+*nearest* code. GPTQ (Frantar et al. 2022) keeps the same grid but rounds the columns of a layer one at a time
+and moves the rounding error onto the columns not yet rounded, weighted by the inverse Hessian of the layer's
+inputs (``2 XᵀX`` over calibration tokens), so the *outputs* stay close rather than each weight. The result is
+ordinary nf4 — same codebook, same per-block scales, same packed bytes layout — so transformers, the engine
+and peft load it as any bitsandbytes checkpoint; only the chosen indices differ.
+
+Why it matters here: the default model's weights were dequantized from a 4-bit GGUF, and nearest-code nf4
+re-rounds them onto another 4-bit grid: perplexity ×1.24 over float on the MT-Bench reference answers, ×1.12
+with GPTQ rounding (``benchmarks/results/nf4-gptq-rounding/``). Shrinking each block's scale to cut the weights'
+squared error instead (clipping) made it worse (×1.31): the outliers matter.
+
+    hessians = input_hessians(float_model, token_batches)       # {linear name: [in, in]}
+    indices, absmax = gptq_nf4(weight, hessians[name], codebook)
+    write_nf4(linear4bit_module, indices, absmax)                # replaces the nearest-code bytes in place
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+BLOCK_SIZE = 64
+"""bitsandbytes' nf4 block size (what ``BitsAndBytesConfig`` uses by default; the scale covers 64 weights)."""
+DAMPING = 0.01
+"""Share of the Hessian's mean diagonal added to its diagonal (GPTQ's ``percdamp``): keeps it invertible."""
+COLUMN_BATCH = 128
+"""Columns rounded between two lazy updates of the rest of the matrix (GPTQ's block size; speed only)."""
+
+
+def quantized_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    """The linear layers bitsandbytes turns into 4-bit ones: those of the decoder layers (lm_head stays)."""
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and ".layers." in name}
+
+
+@torch.no_grad()
+def input_hessians(model: torch.nn.Module, batches: Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Mean ``xᵀx`` of every quantized linear layer's inputs over the calibration tokens (float32, [in, in]).
+
+    Taken in one pass of the unquantized model (not layer by layer on already-rounded outputs): simpler,
+    and for a model this small the difference is within the noise of the calibration sample.
+    """
+    linears = quantized_linears(model)
+    sums = {name: torch.zeros(m.in_features, m.in_features) for name, m in linears.items()}
+    counts = dict.fromkeys(linears, 0)
+
+    def hook(name: str) -> Any:
+        def accumulate(_module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], _output: Any) -> None:
+            x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
+            sums[name].addmm_(x.T, x)
+            counts[name] += x.shape[0]
+        return accumulate
+
+    handles = [module.register_forward_hook(hook(name)) for name, module in linears.items()]
+    try:
+        for input_ids in batches:
+            model(input_ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not any(counts.values()):
+        raise ValueError("no calibration tokens reached the model")
+    return {name: sums[name] / max(counts[name], 1) for name in sums}
+
+
+def _nearest(values: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest code for values already divided by their block's scale (clipped to [-1, 1])."""
+    midpoints = (codebook[1:] + codebook[:-1]) / 2
+    return torch.bucketize(values.clamp(-1, 1), midpoints)
+
+
+@torch.no_grad()
+def gptq_nf4(weight: torch.Tensor, hessian: torch.Tensor, codebook: torch.Tensor,
+             damping: float = DAMPING) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codebook indices ([out, in], uint8) and per-block scales (float32) for one weight matrix.
+
+    The scales are the blocks' absolute maxima of the *original* weights, as nearest rounding would store
+    them, so no weight needs clipping before error feedback starts; later columns can be pushed past their
+    scale by the updates and are clipped to the codebook's ±1 then.
+    """
+    weight = weight.detach().float().clone()
+    rows, columns = weight.shape
+    if columns % BLOCK_SIZE:
+        raise ValueError(f"input width {columns} is not a multiple of the nf4 block size {BLOCK_SIZE}")
+    scales = weight.reshape(rows, columns // BLOCK_SIZE, BLOCK_SIZE).abs().amax(-1).clamp_min(1e-12)
+    hessian = hessian.float().clone()
+    dead = torch.diag(hessian) == 0  # inputs never seen in calibration: rounded plainly, nothing moves onto them
+    hessian[dead, dead] = 1
+    hessian += damping * torch.diag(hessian).mean() * torch.eye(columns)
+    inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True)
+    indices = torch.empty(rows, columns, dtype=torch.uint8)
+    for start in range(0, columns, COLUMN_BATCH):
+        stop = min(start + COLUMN_BATCH, columns)
+        chunk = weight[:, start:stop].clone()
+        errors = torch.zeros_like(chunk)
+        local = inverse[start:stop, start:stop]
+        for j in range(stop - start):
+            scale = scales[:, (start + j) // BLOCK_SIZE]
+            index = _nearest(chunk[:, j] / scale, codebook)
+            indices[:, start + j] = index.to(torch.uint8)
+            error = (chunk[:, j] - codebook[index] * scale) / local[j, j]
+            chunk[:, j:] -= error.unsqueeze(1) * local[j, j:].unsqueeze(0)
+            errors[:, j] = error
+        weight[:, stop:] -= errors @ inverse[start:stop, stop:]
+    return indices, scales.reshape(-1)
+
+
+def dequantize(indices: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """The float weights these indices and scales stand for (what bitsandbytes computes with)."""
+    rows, columns = indices.shape
+    values = codebook[indices.long()].reshape(rows, columns // BLOCK_SIZE, BLOCK_SIZE)
+    return (values * absmax.reshape(rows, -1, 1)).reshape(rows, columns)
+
+
+def pack(indices: torch.Tensor) -> torch.Tensor:
+    """bitsandbytes' byte layout: the flattened indices two to a byte, the even one in the high nibble."""
+    flat = indices.reshape(-1).to(torch.uint8)
+    return ((flat[0::2] << 4) | flat[1::2]).reshape(-1, 1)
+
+
+def write_nf4(module: Any, indices: torch.Tensor, absmax: torch.Tensor) -> None:
+    """Put these indices and scales into a loaded ``bitsandbytes.nn.Linear4bit`` (no double quantization)."""
+    weight, state = module.weight, module.weight.quant_state
+    if state.nested:
+        raise ValueError("nf4 with double quantization (nested scales) is not what steerserve quantizes")
+    if tuple(state.shape) != tuple(indices.shape) or state.blocksize != BLOCK_SIZE:
+        raise ValueError(f"layer of shape {tuple(state.shape)}, block {state.blocksize}: cannot hold "
+                         f"indices of shape {tuple(indices.shape)} in blocks of {BLOCK_SIZE}")
+    weight.data = pack(indices).to(weight.data.device)
+    state.absmax = absmax.to(state.absmax.dtype)
