@@ -89,7 +89,8 @@ def load_causal_lm(path: str, precision: str | None = None) -> Any:
     """The base LM in float32 (CPU training; mixed precision is the trainer's ``bf16``).
 
     With ``precision`` (QLoRA's ``lora_base_precision``) its linear layers are quantized at load exactly as
-    the transformers engine quantizes that variant (same ``BitsAndBytesConfig``), computing in float32.
+    the transformers engine quantizes that variant (same ``BitsAndBytesConfig``), computing in float32; a
+    checkpoint saved already quantized is loaded as stored.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -98,10 +99,21 @@ def load_causal_lm(path: str, precision: str | None = None) -> Any:
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     from steerserve.precision import Precision
     from steerserve.server.engines.base import EngineConfig
-    from steerserve.server.engines.hf_engine import load_kwargs
+    from steerserve.server.engines.hf_engine import load_kwargs, saved_quantization_config
 
     kwargs = load_kwargs(EngineConfig(model=path, precision=Precision(precision)), compute_dtype="float32")
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if not saved_quantization_config(path):
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    # Already nf4 (e.g. GPTQ-rounded by steerserve quantize): train on its stored codes, in float32 whatever
+    # compute dtype the quantizing machine saved.
+    kwargs.pop("quantization_config", None)
+    import bitsandbytes
+
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    for module in model.modules():
+        if isinstance(module, bitsandbytes.nn.Linear4bit):
+            module.compute_dtype = torch.float32
+    return model
 
 
 # ---- prompts: the serving renderer, so serving sees the training text --------
@@ -331,7 +343,19 @@ def merge_dequantized(model: Any, adapter_dir: Path) -> Any:
     import torch
 
     base = model.unload().dequantize(dtype=torch.float32)  # adapter layers removed unmerged, then float weights
-    return merge_adapter(base, adapter_dir)
+    return merge_adapter(as_float_checkpoint(base), adapter_dir)
+
+
+def as_float_checkpoint(model: Any) -> Any:
+    """A dequantized model saved as the plain float checkpoint it now is.
+
+    A base loaded from an nf4 checkpoint on disk (``steerserve quantize``) remembers how its packed weights were
+    read, and ``save_pretrained`` would try to reverse that reading, which bitsandbytes' loading cannot do;
+    the float weights need no conversion back.
+    """
+    if getattr(model, "_weight_conversions", None):
+        model._weight_conversions = None
+    return model
 
 
 def merge_adapter(base: Any, adapter_dir: Path) -> Any:
@@ -350,7 +374,7 @@ def merge_saved_adapter(adapter_dir: Path, base_precision: str | None = None) ->
     base_path = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
     base = load_causal_lm(base_path, base_precision)
     if base_precision is not None:
-        base = base.dequantize(dtype=torch.float32)
+        base = as_float_checkpoint(base.dequantize(dtype=torch.float32))
     return merge_adapter(base, adapter_dir)
 
 

@@ -90,3 +90,31 @@ def test_a_quantized_base_needs_lora_and_a_known_precision(attribute_file: Path)
     with pytest.raises(ConfigError, match="lora_base_precision: 'int4' is not one of nf4"):
         load_config(ACSFTRecipeConfig, None, [*common, "lora=true", "lora_base_precision=int4"])
     assert load_config(ACSFTRecipeConfig, None, [*common, "lora=true"]).lora_base_precision is None
+
+
+def test_on_a_base_quantize_already_made_nf4_the_adapter_trains_on_the_stored_codes(
+        tmp_path: Path, tiny_model_dir: Path, attribute_file: Path) -> None:
+    """``steerserve quantize`` rounds nf4 by GPTQ; QLoRA on that checkpoint must keep its codes, not re-round."""
+    import bitsandbytes.functional as bnbf
+    from transformers import AutoModelForCausalLM
+
+    from steerserve.training.quantize.cli import main as quantize_main
+
+    base = tmp_path / "nf4-gptq"
+    assert quantize_main([str(tiny_model_dir), "--precision", "nf4", "--output", str(base), "--eval-chars", "800",
+                          "--mcq-per-subject", "1", "--mcq-items", "6", "--calibration-samples", "8",
+                          "--calibration-max-tokens", "128"]) == 0
+    stored_weight = AutoModelForCausalLM.from_pretrained(base).get_submodule(UNTOUCHED.removesuffix(".weight")).weight
+    stored = bnbf.dequantize_4bit(stored_weight.data, stored_weight.quant_state).float()
+    float_weight = load_file(tiny_model_dir / "model.safetensors")[UNTOUCHED].float()
+    nearest = bnbf.dequantize_4bit(*bnbf.quantize_4bit(float_weight, blocksize=64, quant_type="nf4"))
+    assert float((stored - nearest).abs().max()) > 1e-4  # GPTQ chose other codes than nearest rounding
+
+    settings = [f"model={base}", f"data={attribute_file}", "data_format=helpsteer", *FAST[:-1],
+                "lora=true", "lora_r=4", "lora_base_precision=nf4", "learning_rate=0.02"]
+    run = run_recipe("acsft", tmp_path / "acsft-nf4", settings)
+    merged = load_file(run / "model.safetensors")[UNTOUCHED].float()
+    torch.testing.assert_close(merged, stored, rtol=0, atol=1e-6)
+    with_adapter = logits(served(base, run / "adapter"))
+    as_merged = logits(AutoModelForCausalLM.from_pretrained(run, dtype=torch.float32).eval())
+    torch.testing.assert_close(with_adapter, as_merged, rtol=0, atol=2e-3)
