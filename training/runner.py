@@ -340,21 +340,16 @@ def merge_dequantized(model: Any, adapter_dir: Path) -> Any:
     peft's own merge into 4-bit layers re-quantizes the sum, and the 4-bit grid is coarser than most of
     the adapter's update; the dequantized base holds exactly the weights the adapter was trained against.
     """
+    return merge_adapter(dequantized(model.unload()), adapter_dir)  # adapter layers removed unmerged first
+
+
+def dequantized(model: Any) -> Any:
+    """The 4-bit model's float32 weights, saved as the plain float checkpoint they now are (a base read from an
+    nf4 checkpoint on disk remembers how it was read, which ``save_pretrained`` cannot reverse)."""
     import torch
 
-    base = model.unload().dequantize(dtype=torch.float32)  # adapter layers removed unmerged, then float weights
-    return merge_adapter(as_float_checkpoint(base), adapter_dir)
-
-
-def as_float_checkpoint(model: Any) -> Any:
-    """A dequantized model saved as the plain float checkpoint it now is.
-
-    A base loaded from an nf4 checkpoint on disk (``steerserve quantize``) remembers how its packed weights were
-    read, and ``save_pretrained`` would try to reverse that reading, which bitsandbytes' loading cannot do;
-    the float weights need no conversion back.
-    """
-    if getattr(model, "_weight_conversions", None):
-        model._weight_conversions = None
+    model = model.dequantize(dtype=torch.float32)
+    model._weight_conversions = None
     return model
 
 
@@ -369,13 +364,9 @@ def merge_saved_adapter(adapter_dir: Path, base_precision: str | None = None) ->
     """The merged checkpoint rebuilt from a saved adapter and the base its config names (a sharded run's rank 0
     holds no whole model to merge into). A QLoRA adapter goes onto its base rounded as it trained (loaded in
     ``base_precision``, then dequantized), so the result is what ``save_model`` writes in one process."""
-    import torch
-
     base_path = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
     base = load_causal_lm(base_path, base_precision)
-    if base_precision is not None:
-        base = as_float_checkpoint(base.dequantize(dtype=torch.float32))
-    return merge_adapter(base, adapter_dir)
+    return merge_adapter(dequantized(base) if base_precision is not None else base, adapter_dir)
 
 
 def save_sharded(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, work: Path,
