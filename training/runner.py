@@ -89,7 +89,7 @@ def load_causal_lm(path: str, precision: str | None = None) -> Any:
     """The base LM in float32 (CPU training; mixed precision is the trainer's ``bf16``).
 
     With ``precision`` (QLoRA's ``lora_base_precision``) its linear layers are quantized at load exactly as
-    the transformers engine quantizes that variant (same ``BitsAndBytesConfig``), computing in float32; a
+    the transformers engine loads that variant (same ``BitsAndBytesConfig``), computing in float32; a
     checkpoint saved already quantized is loaded as stored.
     """
     import torch
@@ -99,21 +99,11 @@ def load_causal_lm(path: str, precision: str | None = None) -> Any:
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     from steerserve.precision import Precision
     from steerserve.server.engines.base import EngineConfig
-    from steerserve.server.engines.hf_engine import load_kwargs, saved_quantization_config
+    from steerserve.server.engines.hf_engine import load_model
 
-    kwargs = load_kwargs(EngineConfig(model=path, precision=Precision(precision)), compute_dtype="float32")
-    if not saved_quantization_config(path):
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    # Already nf4 (e.g. GPTQ-rounded by steerserve quantize): train on its stored codes, in float32 whatever
-    # compute dtype the quantizing machine saved.
-    kwargs.pop("quantization_config", None)
-    import bitsandbytes
-
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    for module in model.modules():
-        if isinstance(module, bitsandbytes.nn.Linear4bit):
-            module.compute_dtype = torch.float32
-    return model
+    # The engine's own loading: a checkpoint saved already nf4 (e.g. GPTQ-rounded) keeps its codes, and the 4-bit
+    # layers compute in float32. Eval mode there; the trainer switches to train mode itself.
+    return load_model(path, EngineConfig(model=path, precision=Precision(precision)), compute_dtype="float32")
 
 
 # ---- prompts: the serving renderer, so serving sees the training text --------

@@ -84,7 +84,7 @@ def load_model(path: str, config: EngineConfig, compute_dtype: str | None = None
     from transformers import AutoModelForCausalLM
 
     kwargs = load_kwargs(config, compute_dtype)
-    if saved_quantization_config(path):  # pre-quantized: the saved config wins anyway; don't pass a second one
+    if _saved_quantization_config(path):  # pre-quantized: the saved config wins anyway; don't pass a second one
         kwargs.pop("quantization_config", None)
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
     if config.precision is Precision.NF4:
@@ -102,8 +102,7 @@ def load_model(path: str, config: EngineConfig, compute_dtype: str | None = None
     return model
 
 
-def saved_quantization_config(path: str) -> bool:
-    """Whether the checkpoint was saved quantized (``steerserve quantize``): its own config then decides."""
+def _saved_quantization_config(path: str) -> bool:
     config = Path(path) / "config.json"
     return config.is_file() and "quantization_config" in json.loads(config.read_text())
 

@@ -60,24 +60,23 @@ def quantize(job: QuantizeJob, work: Path) -> MethodResult:
 
 def _round_nf4_with_gptq(job: QuantizeJob, quantized: Any) -> dict[str, Any]:
     """Replace the nearest-code nf4 bytes of ``quantized`` with GPTQ-chosen ones; returns the calibration entry."""
+    import bitsandbytes
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from steerserve.training.quantize.nf4_rounding import gptq_nf4, input_hessians, quantized_linears, write_nf4
+    from steerserve.training.quantize.nf4_rounding import gptq_nf4, input_hessians, write_nf4
 
     tokenizer = AutoTokenizer.from_pretrained(str(job.source))
     texts = calibration_texts(job.calibration, job.calibration_samples)
     batches = [tokenizer(text, return_tensors="pt", truncation=True, max_length=job.calibration_max_tokens).input_ids
                for text in texts]
+    layers = {name: module for name, module in quantized.named_modules()
+              if isinstance(module, bitsandbytes.nn.Linear4bit)}  # what bitsandbytes chose to quantize
     source = AutoModelForCausalLM.from_pretrained(str(job.source), dtype=torch.float32).eval()
-    hessians = input_hessians(source, batches)
-    targets = dict(quantized.named_modules())
-    for name, linear in quantized_linears(source).items():
-        module = targets.get(name)
-        if module is None or not hasattr(module.weight, "quant_state"):
-            raise RuntimeError(f"{name} was not quantized to nf4 by bitsandbytes; cannot round it with GPTQ")
+    hessians = input_hessians(source, layers, batches)
+    for name, module in layers.items():
         codebook = module.weight.quant_state.code.float().cpu()
-        indices, absmax = gptq_nf4(linear.weight, hessians.pop(name), codebook)
+        indices, absmax = gptq_nf4(source.get_submodule(name).weight, hessians.pop(name), codebook)
         write_nf4(module, indices, absmax)
     return calibration_entry(job.calibration, len(texts), job.calibration_max_tokens)
 

@@ -13,7 +13,7 @@ re-rounds them onto another 4-bit grid: perplexity ×1.24 over float on the MT-B
 with GPTQ rounding (``benchmarks/results/nf4-gptq-rounding/``). Shrinking each block's scale to cut the weights'
 squared error instead (clipping) made it worse (×1.31): the outliers matter.
 
-    hessians = input_hessians(float_model, token_batches)       # {linear name: [in, in]}
+    hessians = input_hessians(float_model, names, token_batches)  # {linear name: [in, in]}
     indices, absmax = gptq_nf4(weight, hessians[name], codebook)
     write_nf4(linear4bit_module, indices, absmax)                # replaces the nearest-code bytes in place
 """
@@ -33,20 +33,15 @@ COLUMN_BATCH = 128
 """Columns rounded between two lazy updates of the rest of the matrix (GPTQ's block size; speed only)."""
 
 
-def quantized_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
-    """The linear layers bitsandbytes turns into 4-bit ones: those of the decoder layers (lm_head stays)."""
-    return {name: module for name, module in model.named_modules()
-            if isinstance(module, torch.nn.Linear) and ".layers." in name}
-
-
 @torch.no_grad()
-def input_hessians(model: torch.nn.Module, batches: Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Mean ``xᵀx`` of every quantized linear layer's inputs over the calibration tokens (float32, [in, in]).
+def input_hessians(model: torch.nn.Module, names: Iterable[str],
+                   batches: Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Mean ``xᵀx`` of the named linear layers' inputs over the calibration tokens (float32, [in, in]).
 
     Taken in one pass of the unquantized model (not layer by layer on already-rounded outputs): simpler,
     and for a model this small the difference is within the noise of the calibration sample.
     """
-    linears = quantized_linears(model)
+    linears = {name: model.get_submodule(name) for name in names}
     sums = {name: torch.zeros(m.in_features, m.in_features) for name, m in linears.items()}
     counts = dict.fromkeys(linears, 0)
 
@@ -69,12 +64,6 @@ def input_hessians(model: torch.nn.Module, batches: Iterable[torch.Tensor]) -> d
     return {name: sums[name] / max(counts[name], 1) for name in sums}
 
 
-def _nearest(values: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest code for values already divided by their block's scale (clipped to [-1, 1])."""
-    midpoints = (codebook[1:] + codebook[:-1]) / 2
-    return torch.bucketize(values.clamp(-1, 1), midpoints)
-
-
 @torch.no_grad()
 def gptq_nf4(weight: torch.Tensor, hessian: torch.Tensor, codebook: torch.Tensor,
              damping: float = DAMPING) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,6 +83,7 @@ def gptq_nf4(weight: torch.Tensor, hessian: torch.Tensor, codebook: torch.Tensor
     hessian[dead, dead] = 1
     hessian += damping * torch.diag(hessian).mean() * torch.eye(columns)
     inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True)
+    midpoints = (codebook[1:] + codebook[:-1]) / 2  # a value's nearest code is the bucket it falls in
     indices = torch.empty(rows, columns, dtype=torch.uint8)
     for start in range(0, columns, COLUMN_BATCH):
         stop = min(start + COLUMN_BATCH, columns)
@@ -102,7 +92,7 @@ def gptq_nf4(weight: torch.Tensor, hessian: torch.Tensor, codebook: torch.Tensor
         local = inverse[start:stop, start:stop]
         for j in range(stop - start):
             scale = scales[:, (start + j) // BLOCK_SIZE]
-            index = _nearest(chunk[:, j] / scale, codebook)
+            index = torch.bucketize((chunk[:, j] / scale).clamp(-1, 1), midpoints)
             indices[:, start + j] = index.to(torch.uint8)
             error = (chunk[:, j] - codebook[index] * scale) / local[j, j]
             chunk[:, j:] -= error.unsqueeze(1) * local[j, j:].unsqueeze(0)

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from steerserve.prompts import SteeringMethod, render_chat
 from steerserve.training.acsft import conditioned_example
 from steerserve.training.quantize.calibration import calibration_texts, held_out_text
-from steerserve.training.quantize.nf4_rounding import BLOCK_SIZE, dequantize, gptq_nf4, input_hessians, quantized_linears
+from steerserve.training.quantize.nf4_rounding import BLOCK_SIZE, dequantize, gptq_nf4, input_hessians
 
 BASE = str(Path("~/.cache/steerserve/smollm2-135m-instruct/bf16").expanduser())
 MERGED = "runs/steered-default/q/bf16"  # the shipped adapter merged into the base (steerserve quantize ... bf16)
@@ -62,11 +62,18 @@ def nearest(weight: torch.Tensor, clip_search: bool = False) -> torch.Tensor:
     return best.reshape(weight.shape)
 
 
+def decoder_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    """The layers bitsandbytes makes 4-bit in this model: every linear of the decoder layers (not lm_head)."""
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and ".layers." in name}
+
+
 def rounded(path: str, how: str, calibration: list[str] | None = None) -> torch.nn.Module:
     model = load(path)
-    hessians = input_hessians(model, batches(calibration)) if how == "gptq" else {}
+    linears = decoder_linears(model)
+    hessians = input_hessians(model, linears, batches(calibration)) if how == "gptq" else {}
     with torch.no_grad():
-        for name, linear in quantized_linears(model).items():
+        for name, linear in linears.items():
             if how == "gptq":
                 linear.weight.data = dequantize(*gptq_nf4(linear.weight, hessians.pop(name), CODEBOOK), CODEBOOK)
             else:
