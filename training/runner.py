@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from steerserve.prompts import STEERLM_STOP, SteeringMethod, render_chat
 from steerserve.training import distributed
-from steerserve.training.config import DEFAULT_MODEL, TINY_MODELS, BaseConfig, CommonConfig, ConfigError, LoraFields
+from steerserve.training.config import TINY_MODELS, BaseConfig, CommonConfig, ConfigError, LoraFields
 from steerserve.training.data.split import grouped_split, prompt_key
 from steerserve.training.output import RunDir
 
@@ -52,13 +52,15 @@ def start(recipe: str, config: CommonConfig, output: Path, force: bool) -> tuple
 def materialize_base(model: str, work: Path) -> tuple[str, str]:
     """(path to load, name for the manifest); ``tiny``/``tiny-raw`` are built into the work dir once.
 
-    ``default`` is the server's default model, in the same cache (``STEERSERVE_CACHE_DIR``).
+    ``default`` is the server's default model, in the same cache (``STEERSERVE_CACHE_DIR``); ``default:nf4`` that
+    model as ``steerserve quantize`` makes it nf4, the base the server serves a QLoRA adapter of it on.
     """
-    if model == DEFAULT_MODEL:
-        from steerserve.default_model import DEFAULT_MODEL_NAME, default_model_dir
+    from steerserve.default_model import DEFAULT_MODEL_NAME, default_precision, resolve_default
 
+    if (precision := default_precision(model)) is not None:
         cache = Path(os.environ.get("STEERSERVE_CACHE_DIR", Path.home() / ".cache" / "steerserve"))
-        return str(default_model_dir(cache)), DEFAULT_MODEL_NAME
+        name = DEFAULT_MODEL_NAME if precision == "bf16" else f"{DEFAULT_MODEL_NAME}:{precision}"
+        return str(resolve_default(model, cache)), name
     if model not in TINY_MODELS:
         return model, model
     from steerserve.training.tiny import build_tiny_model
@@ -288,89 +290,40 @@ def adapters_in_float32(trainer: Trainer) -> None:
 
 
 def train(trainer: Trainer, run_dir: RunDir) -> dict[str, Any]:
-    """Train, resuming from the work dir's last checkpoint; returns the train metrics."""
+    """Train, resuming from the work dir's last checkpoint; returns the train metrics.
+
+    A run stopped after saving its final step's checkpoint (while evaluating or saving the model) is not trained
+    again: the Trainer, resumed at ``max_steps``, would take one step more and report that step's loss alone.
+    """
     adapters_in_float32(trainer)
     checkpoint = run_dir.last_checkpoint()
+    if checkpoint and _finished_steps(checkpoint) >= trainer.args.max_steps > 0:
+        logger.info("%s holds every step (max_steps %d): loading it, not training", checkpoint,
+                    trainer.args.max_steps)
+        return _load_finished(trainer, checkpoint, run_dir.work / LOG_FILE)
     if checkpoint:
         logger.info("resuming from %s", checkpoint)
     result = trainer.train(resume_from_checkpoint=checkpoint)
     return {"train_loss": result.training_loss, "train_runtime_s": result.metrics.get("train_runtime")}
 
 
-def save_model(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, work: Path,
-               base_precision: str | None = None) -> None:
-    """The full checkpoint at ``work`` (servable); with LoRA also the adapter under ``work/adapter``.
-
-    Under a launcher rank 0 writes: with DDP every rank holds the same weights, so the others skip;
-    sharded runs (FSDP, DeepSpeed) go through ``save_sharded``, which needs every rank and, for QLoRA, the
-    precision the base trained in (``base_precision``) to rebuild it.
-    """
-    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
-        save_sharded(trainer, tokenizer, work, base_precision)
-        return
-    if not distributed.is_main_process():
-        return
-    model = trainer.model
-    if hasattr(model, "merge_and_unload"):
-        model.save_pretrained(work / "adapter")
-        tokenizer.save_pretrained(work / "adapter")
-        model = merge_dequantized(model, work / "adapter") if is_quantized(model) else model.merge_and_unload()
-    model.save_pretrained(work)
-    tokenizer.save_pretrained(work)
+def _finished_steps(checkpoint: str) -> int:
+    """The optimizer steps a Trainer checkpoint had taken (its trainer_state.json)."""
+    return int(json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"])
 
 
-def is_quantized(model: Any) -> bool:
-    """Whether the (PEFT-wrapped) model holds bitsandbytes weights: a QLoRA run."""
-    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+def _load_finished(trainer: Trainer, checkpoint: str, log_path: Path) -> dict[str, Any]:
+    """The trained weights and state of a finished checkpoint, and the train metrics the run logged for it."""
+    from transformers import TrainerState
 
-
-def merge_dequantized(model: Any, adapter_dir: Path) -> Any:
-    """A QLoRA model as one float checkpoint: the 4-bit base dequantized, the saved adapter merged into it.
-
-    peft's own merge into 4-bit layers re-quantizes the sum, and the 4-bit grid is coarser than most of
-    the adapter's update; the dequantized base holds exactly the weights the adapter was trained against.
-    """
-    return merge_adapter(dequantized(model.unload()), adapter_dir)  # adapter layers removed unmerged first
-
-
-def dequantized(model: Any) -> Any:
-    """The 4-bit model's float32 weights, saved as the plain float checkpoint they now are (a base read from an
-    nf4 checkpoint on disk remembers how it was read, which ``save_pretrained`` cannot reverse)."""
-    import torch
-
-    model = model.dequantize(dtype=torch.float32)
-    model._weight_conversions = None
-    return model
-
-
-def merge_adapter(base: Any, adapter_dir: Path) -> Any:
-    """``base`` with the adapter saved at ``adapter_dir`` merged into its float weights."""
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-
-
-def merge_saved_adapter(adapter_dir: Path, base_precision: str | None = None) -> Any:
-    """The merged checkpoint rebuilt from a saved adapter and the base its config names (a sharded run's rank 0
-    holds no whole model to merge into). A QLoRA adapter goes onto its base rounded as it trained (loaded in
-    ``base_precision``, then dequantized), so the result is what ``save_model`` writes in one process."""
-    base_path = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
-    base = load_causal_lm(base_path, base_precision)
-    return merge_adapter(dequantized(base) if base_precision is not None else base, adapter_dir)
-
-
-def save_sharded(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, work: Path,
-                 base_precision: str | None = None) -> None:
-    """FSDP / ZeRO-3: no rank holds the whole model, so every rank joins ``trainer.save_model``'s gather
-    (FULL_STATE_DICT / zero3_save_16bit_model in training/accelerate/) and rank 0 writes; a LoRA adapter
-    saved that way is then merged into its base on rank 0 (``merge_saved_adapter``)."""
-    lora = hasattr(trainer.accelerator.unwrap_model(trainer.model), "merge_and_unload")
-    trainer.save_model(str(work / "adapter" if lora else work))
-    if not distributed.is_main_process():
-        return
-    tokenizer.save_pretrained(work)
-    if lora:
-        merge_saved_adapter(work / "adapter", base_precision).save_pretrained(work)
+    trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+    trainer._load_from_checkpoint(checkpoint)  # the Trainer's own resume loading (full weights or adapters)
+    records = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.is_file() else []
+    finished = [r for r in records if "train_loss" in r and r["step"] == trainer.state.global_step]
+    if finished:  # the end-of-training record, logged before the interruption
+        return {"train_loss": finished[-1]["train_loss"], "train_runtime_s": finished[-1].get("train_runtime")}
+    losses = [r["loss"] for r in records if "loss" in r and r["step"] <= trainer.state.global_step]
+    return {"train_loss": sum(losses) / len(losses) if losses else None, "train_runtime_s": None}
 
 
 def finite_metrics(metrics: dict[str, Any]) -> dict[str, Any]:

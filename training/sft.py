@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from steerserve.prompts import SteeringMethod, render_mcq_answer, render_mcq_question
-from steerserve.training import runner
+from steerserve.training import runner, saving
 from steerserve.training.config import BaseConfig, LoraFields, option
 from steerserve.training.data.chat import FORMATS as CHAT_FORMATS
 from steerserve.training.data.chat import load_chat_rows
@@ -94,7 +94,7 @@ def finish(recipe: str, config: SFTRecipeConfig, run_dir: RunDir, trainer: Any, 
            base_name: str, method: SteeringMethod, metrics: dict[str, Any], data: list[dict[str, Any]],
            **extra: Any) -> Path:
     """Save the servable checkpoint (merged if LoRA) and the manifest, then commit the output dir."""
-    runner.save_model(trainer, tokenizer, run_dir.work, getattr(config, "lora_base_precision", None))
+    saving.save_model(trainer, tokenizer, run_dir.work, getattr(config, "lora_base_precision", None))
     runner.drop_base(run_dir.work)
     manifest = build_manifest(
         recipe, config, base_model=base_name, data=data, metrics=runner.finite_metrics(metrics),

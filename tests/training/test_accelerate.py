@@ -21,7 +21,7 @@ import pytest
 import torch
 from training_helpers import FAST, run_recipe
 
-from steerserve.training import runner
+from steerserve.training import runner, saving
 from steerserve.training.config import PROJECT_ROOT
 from steerserve.training.manifest import is_complete, read_manifest
 
@@ -58,7 +58,7 @@ def test_launch_environment_per_config() -> None:
     assert args.multi_gpu and env["ACCELERATE_MIXED_PRECISION"] == "bf16"
     args, env = launch_env("fsdp")
     assert args.use_fsdp and env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"
-    assert env["FSDP_STATE_DICT_TYPE"] == "FULL_STATE_DICT"  # runner.save_sharded relies on one gathered file
+    assert env["FSDP_STATE_DICT_TYPE"] == "FULL_STATE_DICT"  # saving.save_sharded relies on one gathered file
     assert env["FSDP_AUTO_WRAP_POLICY"] == "TRANSFORMER_BASED_WRAP"
     args, env = launch_env("deepspeed_zero3")
     assert args.use_deepspeed and env["ACCELERATE_DEEPSPEED_ZERO_STAGE"] == "3"
@@ -147,7 +147,7 @@ def test_sharded_save_gathers_then_merges_lora_on_rank_0(tmp_path: Path, tiny_mo
     settings = [f"model={tiny_model_dir}", f"data={mcq_file}", "data_format=mcq", *FAST, "lora=true"]
     plain = run_recipe("sft", tmp_path / "plain", settings)
     # The branch save_model takes when trainer.is_fsdp_enabled / is_deepspeed_enabled (GPU-only states).
-    monkeypatch.setattr(runner, "save_model", runner.save_sharded)
+    monkeypatch.setattr(saving, "save_model", saving.save_sharded)
     sharded = run_recipe("sft", tmp_path / "sharded", settings)
     assert (sharded / "adapter" / "adapter_config.json").is_file() and read_manifest(sharded)["lora"]
     a, b = load_file(plain / "model.safetensors"), load_file(sharded / "model.safetensors")

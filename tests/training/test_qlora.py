@@ -72,7 +72,7 @@ def test_served_unmerged_on_nf4_it_answers_as_the_merged_float_checkpoint(qlora_
 def test_a_sharded_runs_merge_rebuilds_the_same_checkpoint(qlora_run: Path) -> None:
     """FSDP's rank 0 holds no whole model: it rebuilds the merge from the saved adapter and its base, which for
     QLoRA must be the nf4-rounded base (the float one would answer differently from the nf4 serving)."""
-    from steerserve.training.runner import merge_saved_adapter
+    from steerserve.training.saving import merge_saved_adapter
 
     written = load_file(qlora_run / "model.safetensors")
     rebuilt = merge_saved_adapter(qlora_run / "adapter", "nf4").state_dict()

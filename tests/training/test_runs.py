@@ -137,6 +137,34 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(tmp_path: Path, tiny_m
     assert not (out / "checkpoints").exists() and not partial.exists()
 
 
+def test_a_run_stopped_after_its_final_checkpoint_is_not_trained_again(tmp_path: Path, tiny_model_dir: Path,
+                                                                        mcq_file: Path) -> None:
+    """Resumed at max_steps the Trainer would take one step more and report that step's loss as the run's."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
+    class Crash(TrainerCallback):
+        def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003
+            raise KeyboardInterrupt  # after the final checkpoint and the end-of-training log, before the save
+
+    settings = [*sft_settings(tiny_model_dir, mcq_file), "max_steps=4"]
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe("sft", tmp_path / "run", settings, callbacks=(Crash(),))
+    partial = tmp_path / ".run.partial"
+    final = load_file(partial / "checkpoints" / "checkpoint-4" / "model.safetensors")
+    logged = [json.loads(line) for line in (partial / "logs/train_log.jsonl").read_text().splitlines()]
+    train_loss = next(record["train_loss"] for record in logged if "train_loss" in record)
+    out = run_recipe("sft", tmp_path / "run", settings)
+    manifest = read_manifest(out)
+    assert manifest["resumed"] is True and manifest["steps"] == 4
+    assert manifest["metrics"]["train_loss"] == pytest.approx(train_loss, abs=1e-6)
+    assert max(json.loads(line)["step"] for line in (out / "logs/train_log.jsonl").read_text().splitlines()) == 4
+    saved = load_file(out / "model.safetensors")
+    assert all(torch.equal(saved[key], final[key]) for key in final if key in saved)
+    assert set(final) & set(saved)
+
+
 def test_damaged_last_checkpoint_is_skipped_not_trusted(tmp_path: Path, tiny_model_dir: Path,
                                                          mcq_file: Path) -> None:
     from transformers import TrainerCallback
