@@ -29,12 +29,13 @@ $(RUNS)/acsft/manifest.json: $(RUNS)/annotate/manifest.json
 	$(TRAIN) acsft --config $(RECIPES)/acsft-default.yaml --output $(RUNS)/acsft \
 	    --set data=$(RUNS)/annotate/annotations.jsonl
 
-# QLoRA: the same AC-SFT trained on the default model as its nf4 variant holds it (lora_base_precision), to be
-# served unmerged on that variant, where the float adapter merged and then quantized to nf4 loses the verbosity
-# slider: --model default,precision=nf4 --model $(RUNS)/acsft-nf4,base=smollm2-135m-instruct:nf4
+# QLoRA: the same AC-SFT trained as an adapter on the default model's nf4 checkpoint (`default:nf4`: built once
+# into the steerserve cache by `steerserve quantize default --precision nf4`, GPTQ-rounded, ~2.5 min), to be
+# served unmerged on that same checkpoint, where the float adapter merged and then quantized to nf4 loses the
+# verbosity slider. Packaged, it is served as steered:nf4 on smollm2-135m-instruct:nf4 (--model default:nf4).
 $(RUNS)/acsft-nf4/manifest.json: $(RUNS)/annotate/manifest.json
 	$(TRAIN) acsft --config $(RECIPES)/acsft-default.yaml --output $(RUNS)/acsft-nf4 \
-	    --set data=$(RUNS)/annotate/annotations.jsonl --set lora_base_precision=nf4
+	    --set data=$(RUNS)/annotate/annotations.jsonl --set model=default:nf4 --set lora_base_precision=nf4
 
 $(RUNS)/dpo-robust/manifest.json:
 	$(TRAIN) dpo --config $(RECIPES)/dpo-default.yaml --output $(RUNS)/dpo-robust

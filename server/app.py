@@ -158,12 +158,13 @@ async def health(request: Request) -> JSONResponse:
 
 
 def build_registry(settings: ServerSettings) -> VariantRegistry:
-    """Variants for every configured model; ``default`` resolves to the converted default checkpoint.
+    """Variants for every configured model; ``default`` resolves to the converted default checkpoint (and
+    ``default:nf4`` to the default model quantized once by ``steerserve quantize``, see steerserve.default_model).
 
     Checkpoints first, then LoRA adapters (``base=``) on them: an adapter served as LoRA must be
     registered with its base's engine before that engine starts.
     """
-    from steerserve.default_model import DEFAULT_MODEL_NAME, default_model_dir
+    from steerserve.default_model import DEFAULT_MODEL_NAME, resolve_default
     from steerserve.server.adapters import add_adapters
 
     if (settings.tensor_parallel_size, settings.pipeline_parallel_size) != (1, 1):  # refuse before any work
@@ -174,8 +175,7 @@ def build_registry(settings: ServerSettings) -> VariantRegistry:
     for spec in settings.models:
         if spec.base is not None:
             continue
-        if spec.path == "default":
-            path = default_model_dir(settings.cache_dir)
+        if (path := resolve_default(spec.path, settings.cache_dir)) is not None:  # default, default:nf4
             spec = spec.model_copy(update={"name": spec.name or DEFAULT_MODEL_NAME})
         else:
             path = Path(spec.path).expanduser().resolve()

@@ -22,7 +22,7 @@ class VariantSpec(BaseSettings):
     model_config = SettingsConfigDict(extra="forbid")
 
     path: str
-    """Checkpoint directory, or ``default`` for the default model."""
+    """Checkpoint directory, or ``default`` for the default model (``default:nf4``: quantized once, GPTQ-rounded)."""
     name: str | None = None
     """Model id prefix; defaults to the manifest's name or the directory name."""
     precision: str | None = None
@@ -105,7 +105,7 @@ class ServerSettings(BaseSettings):
     shutdown_grace_s: float = 30.0
     """On SIGTERM: stop accepting, let in-flight requests finish this long, then abort the rest."""
     cache_dir: Path = Path.home() / ".cache" / "steerserve"
-    """Where the default model's converted checkpoint lives."""
+    """Where the default model's converted checkpoint (and its ``default:<precision>`` builds) live."""
     log_level: str = "info"
 
     @field_validator("engine")

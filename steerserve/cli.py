@@ -80,7 +80,8 @@ def serve_settings(argv: list[str]) -> ServerSettings:
     if not settings.models:  # the default model, plus the steered adapters shipped for it (make steered-default)
         from steerserve.steered_default import default_model_specs
 
-        specs = default_model_specs() if not args.no_shipped_adapters else [VariantSpec(path="default")]
+        shipped = not args.no_shipped_adapters
+        specs = default_model_specs(cache_dir=settings.cache_dir) if shipped else [VariantSpec(path="default")]
         settings = settings.model_copy(update={"models": specs})
     return settings
 

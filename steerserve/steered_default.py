@@ -5,7 +5,8 @@ run's ``adapter/`` with its manifest into ``models/steered-default/<name>/`` (a 
 ``steerserve serve`` with no ``--model`` then serves the base model plus one model id per
 shipped adapter, the SteerLM one under :data:`STEERED_ID`. An adapter trained on a quantized
 base (QLoRA, ``lora_base_precision``) is served on the default model in that precision, so
-``steered:nf4`` comes with its own ``smollm2-135m-instruct:nf4`` base::
+``steered:nf4`` comes with its own ``smollm2-135m-instruct:nf4`` base: the ``default:nf4`` checkpoint it trained
+on (``make`` trains it there), built into the cache on first use (see steerserve.default_model)::
 
     python -m steerserve.steered_default package runs/steered-default models/steered-default
 """
@@ -13,12 +14,15 @@ base (QLoRA, ``lora_base_precision``) is served on the default model in that pre
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 
 from steerserve.staging import staged_directory
+
+logger = logging.getLogger(__name__)
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "models" / "steered-default"
 # run name -> model id it is served under
@@ -96,18 +100,51 @@ def trained_precision(adapter: Path) -> str:
     return (lora_base_precision(manifest) or Precision.BF16).value
 
 
-def default_model_specs(shipped: Path = SHIPPED_DIR) -> list:
-    """What ``steerserve serve`` serves with no ``--model``: the default model and its shipped adapters, each on
-    the default model in the precision it was trained on (bf16, the converted checkpoint's, unless QLoRA)."""
-    from steerserve.default_model import DEFAULT_MODEL_NAME
+def base_spec(adapter: Path):
+    """The variant a shipped adapter is served on: the default model as the adapter trained on it. A QLoRA
+    adapter trained on ``default:nf4`` (manifest ``base_model`` ``smollm2-135m-instruct:nf4``) gets that built
+    checkpoint, whose codes it learned around; one trained on ``default`` quantized at load gets the same."""
+    from steerserve.default_model import DEFAULT_MODEL, DEFAULT_MODEL_NAME
     from steerserve.precision import Precision
     from steerserve.server.settings import VariantSpec
 
-    adapters = [(adapter, trained_precision(adapter)) for adapter in shipped_adapters(shipped).values()]
-    quantized = sorted({precision for _, precision in adapters} - {Precision.BF16.value})
-    bases = [VariantSpec(path="default"), *(VariantSpec(path="default", precision=p) for p in quantized)]
-    return [*bases, *(VariantSpec(path=str(adapter), base=f"{DEFAULT_MODEL_NAME}:{precision}")
-                      for adapter, precision in adapters)]
+    precision = trained_precision(adapter)
+    if precision == Precision.BF16.value:
+        return VariantSpec(path=DEFAULT_MODEL)
+    manifest = json.loads((adapter / "manifest.json").read_text())
+    if manifest.get("base_model") == f"{DEFAULT_MODEL_NAME}:{precision}":
+        return VariantSpec(path=f"{DEFAULT_MODEL}:{precision}")
+    return VariantSpec(path=DEFAULT_MODEL, precision=precision)
+
+
+def default_model_specs(shipped: Path = SHIPPED_DIR, cache_dir: Path | None = None) -> list:
+    """What ``steerserve serve`` serves with no ``--model``: the default model and its shipped adapters, each on
+    the default model in the precision it was trained on (bf16, the converted checkpoint's, unless QLoRA).
+
+    An adapter whose base is a ``default:<precision>`` build is served only once that build is in ``cache_dir``
+    (the server's cache; training on it or ``--model default:nf4`` builds it): quantizing it costs minutes and
+    needs the calibration data, which a first ``steerserve serve`` should not wait for. The log says how.
+    """
+    from steerserve.default_model import DEFAULT_MODEL, DEFAULT_MODEL_NAME, default_precision, quantized_default_path
+    from steerserve.server.settings import VariantSpec
+
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else Path.home() / ".cache" / "steerserve"
+    adapters = []
+    for adapter in shipped_adapters(shipped).values():
+        spec = base_spec(adapter)
+        precision = default_precision(spec.path)
+        if precision != "bf16" and not (quantized_default_path(cache, precision) / "manifest.json").is_file():
+            logger.warning("%s not served: its base %s is not built yet; serve it once with "
+                           "--model %s --model %s,base=%s:%s", adapter, spec.path, spec.path, adapter,
+                           DEFAULT_MODEL_NAME, precision)
+            continue
+        adapters.append((adapter, spec))
+    bases = [VariantSpec(path=DEFAULT_MODEL)]
+    for _, spec in adapters:
+        if spec not in bases:
+            bases.append(spec)
+    return [*bases, *(VariantSpec(path=str(adapter), base=f"{DEFAULT_MODEL_NAME}:{trained_precision(adapter)}")
+                      for adapter, _ in adapters)]
 
 
 if __name__ == "__main__":

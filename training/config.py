@@ -23,9 +23,10 @@ from typing import Any, TypeVar
 
 import yaml
 
+from steerserve.default_model import DEFAULT_MODEL, default_precision
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TINY_MODELS = ("tiny", "tiny-raw")
-DEFAULT_MODEL = "default"
 QLORA_PRECISIONS = ("nf4",)
 """Base precisions a LoRA run can train on (``lora_base_precision``): bitsandbytes 4-bit, as the server loads it."""
 
@@ -146,6 +147,11 @@ class LoraFields:
 
     def check_lora(self) -> None:
         """ConfigError naming the LoRA field that cannot work."""
+        model = str(getattr(self, "model", ""))
+        quantized = default_precision(model)
+        if quantized not in (None, "bf16") and self.lora_base_precision != quantized:
+            raise ConfigError(f"model: {model} is quantized; train an adapter on it with lora: true and "
+                              f"lora_base_precision: {quantized}")
         if self.lora_base_precision is None:
             return
         if not self.lora:
@@ -203,7 +209,7 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
 
 def resolve_path(value: str, config_dir: Path | None) -> str:
     """First existing of cwd / config dir / project root joined with ``value``; else ``value`` unchanged."""
-    if not value or Path(value).is_absolute() or value in (*TINY_MODELS, DEFAULT_MODEL):
+    if not value or Path(value).is_absolute() or value in TINY_MODELS or default_precision(value):
         return value
     for base in (Path.cwd(), config_dir, PROJECT_ROOT):
         if base is not None and (base / value).exists():
