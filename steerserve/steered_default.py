@@ -134,9 +134,9 @@ def default_model_specs(shipped: Path = SHIPPED_DIR, cache_dir: Path | None = No
         spec = base_spec(adapter)
         precision = default_precision(spec.path)
         if precision != "bf16" and not (quantized_default_path(cache, precision) / "manifest.json").is_file():
-            logger.warning("%s not served: its base %s is not built yet; serve it once with "
-                           "--model %s --model %s,base=%s:%s", adapter, spec.path, spec.path, adapter,
-                           DEFAULT_MODEL_NAME, precision)
+            logger.warning("%s not served: its base %s is not built yet (once, ~2.5 min on 2 cores): "
+                           "steerserve serve --model %s --model %s,base=%s:%s", adapter, spec.path, spec.path,
+                           adapter, DEFAULT_MODEL_NAME, precision)
             continue
         adapters.append((adapter, spec))
     bases = [VariantSpec(path=DEFAULT_MODEL)]
