@@ -62,9 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, required=True)
     args = parser.parse_args(argv)
     from steerserve.benchmarks.report import environment
-    from steerserve.default_model import default_model_dir
+    from steerserve.default_model import CACHE_DIR, default_model_dir
 
-    checkpoint = args.checkpoint or default_model_dir(Path.home() / ".cache" / "steerserve")
+    checkpoint = args.checkpoint or default_model_dir(CACHE_DIR)
     sizes = weight_bytes(checkpoint, args.gguf)
     measured = read_bandwidth(int(args.buffer_gib * GIB), args.passes)
     ceilings = {name: measured["best_gb_s"] * 1e9 / size for name, size in sizes.items()}

@@ -13,6 +13,7 @@ import yaml
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from steerserve.default_model import CACHE_DIR
 from steerserve.reading_level import DEFAULT_STRENGTH
 
 
@@ -104,7 +105,7 @@ class ServerSettings(BaseSettings):
     """Requests a variant holds waiting beyond its batch (max_num_seqs); past it: 429 + Retry-After."""
     shutdown_grace_s: float = 30.0
     """On SIGTERM: stop accepting, let in-flight requests finish this long, then abort the rest."""
-    cache_dir: Path = Path.home() / ".cache" / "steerserve"
+    cache_dir: Path = CACHE_DIR
     """Where the default model's converted checkpoint (and its ``default:<precision>`` builds) live."""
     log_level: str = "info"
 

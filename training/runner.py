@@ -55,10 +55,10 @@ def materialize_base(model: str, work: Path) -> tuple[str, str]:
     ``default`` is the server's default model, in the same cache (``STEERSERVE_CACHE_DIR``); ``default:nf4`` that
     model as ``steerserve quantize`` makes it nf4, the base the server serves a QLoRA adapter of it on.
     """
-    from steerserve.default_model import DEFAULT_MODEL_NAME, default_precision, resolve_default
+    from steerserve.default_model import CACHE_DIR, DEFAULT_MODEL_NAME, default_precision, resolve_default
 
     if (precision := default_precision(model)) is not None:
-        cache = Path(os.environ.get("STEERSERVE_CACHE_DIR", Path.home() / ".cache" / "steerserve"))
+        cache = Path(os.environ.get("STEERSERVE_CACHE_DIR", CACHE_DIR))
         name = DEFAULT_MODEL_NAME if precision == "bf16" else f"{DEFAULT_MODEL_NAME}:{precision}"
         return str(resolve_default(model, cache)), name
     if model not in TINY_MODELS:

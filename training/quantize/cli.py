@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from steerserve.default_model import CACHE_DIR
 from steerserve.precision import Precision
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mcq-items", type=int, help="keep only the first N MCQ items (quick checks)")
     parser.add_argument("--scorer", choices=["transformers", "vllm", "llama.cpp"],
                         help="override how quality is measured")
-    parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "steerserve",
+    parser.add_argument("--cache-dir", type=Path, default=CACHE_DIR,
                         help="where 'default' is converted, tool environments live and source quality is remembered")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
