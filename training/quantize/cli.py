@@ -148,9 +148,9 @@ def run(args: argparse.Namespace) -> Path:
     eval_set = build_eval_set(source, quality_config)
     source_quality = measure_source(source, Precision(info["precision"]), eval_set, args.cache_dir)
     logger.info("source quality: %s", source_quality)
+    rounding = {"rounding": args.rounding} if args.rounding else {}  # else QuantizeJob's default
     job = QuantizeJob(source, args.precision, args.calibration, args.calibration_samples,
-                      args.calibration_max_tokens, rounding=args.rounding or "gptq",
-                      eval_set=None if args.scorer else eval_set)
+                      args.calibration_max_tokens, eval_set=None if args.scorer else eval_set, **rounding)
     started = time.monotonic()
     try:
         result = quantizer(job, work)
