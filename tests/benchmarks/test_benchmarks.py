@@ -221,6 +221,19 @@ def test_steerability_sends_the_openai_penalties(bench_server, tmp_path: Path, d
     assert "greedy with frequency penalty 2, presence penalty 1.5" in report
 
 
+def test_steerability_spreads_its_prompts_across_the_set(bench_server, tmp_path: Path) -> None:
+    """--spread-prompts takes every k-th prompt (a set ordered by category gives each category its share)."""
+    prompts = tmp_path / "ordered.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Category {i // 2}, prompt {i}."}) + "\n" for i in range(8)))
+    args = ["steerability", "--quick", "--url", bench_server.url, "--prompts", str(prompts), "--num-prompts", "2",
+            "--answer-tokens", "4", "--sliders", "verbosity"]
+    for name, extra, expected in (("first", [], [0, 1]), ("spread", ["--spread-prompts"], [0, 4])):
+        assert main([*args, *extra, "--output", str(tmp_path / name)]) == 0
+        result = _outputs(tmp_path / name, "steerability")["variants"]["tiny:bf16 (transformers)"]
+        assert result["prompts"] == [f"Category {i // 2}, prompt {i}." for i in expected]
+        assert {a["prompt"] for a in result["answers"]} == {0, 1}
+
+
 def test_a_sweep_stopped_mid_variant_goes_on_from_its_logged_answers(bench_server, tmp_path: Path,
                                                                      data_files) -> None:
     from steerserve.attributes import resolve_attributes
