@@ -135,22 +135,20 @@ def default_model_specs(shipped: Path = SHIPPED_DIR, cache_dir: Path | None = No
     from steerserve.server.settings import VariantSpec
 
     cache = Path(cache_dir if cache_dir is not None else CACHE_DIR).expanduser()
-    adapters = []
+    bases, served = [VariantSpec(path=DEFAULT_MODEL)], []
     for adapter in shipped_adapters(shipped).values():
         spec = base_spec(adapter)
-        precision = default_precision(spec.path)
-        if precision != "bf16" and not (quantized_default_path(cache, precision) / "manifest.json").is_file():
+        built = default_precision(spec.path)  # bf16 unless the base is a default:<precision> build
+        base_id = f"{DEFAULT_MODEL_NAME}:{spec.precision or built}"
+        if built != "bf16" and not (quantized_default_path(cache, built) / "manifest.json").is_file():
             logger.warning("%s not served: its base %s is not built yet (once, ~2.5 min on 2 cores): "
-                           "steerserve serve --model %s --model %s,base=%s:%s", adapter, spec.path, spec.path,
-                           adapter, DEFAULT_MODEL_NAME, precision)
+                           "steerserve serve --model %s --model %s,base=%s", adapter, spec.path, spec.path,
+                           adapter, base_id)
             continue
-        adapters.append((adapter, spec))
-    bases = [VariantSpec(path=DEFAULT_MODEL)]
-    for _, spec in adapters:
         if spec not in bases:
             bases.append(spec)
-    return [*bases, *(VariantSpec(path=str(adapter), base=f"{DEFAULT_MODEL_NAME}:{trained_precision(adapter)}")
-                      for adapter, _ in adapters)]
+        served.append(VariantSpec(path=str(adapter), base=base_id))
+    return [*bases, *served]
 
 
 if __name__ == "__main__":
