@@ -77,6 +77,9 @@ FLOAT_PRECISIONS = frozenset({Precision.FP32, Precision.BF16, Precision.FP16})
 # bf16 costs several times the float32 time). vLLM's w8a8/4-bit CPU kernels keep their own activation dtype.
 FLOAT32_WITHOUT_NATIVE_BF16 = frozenset({Precision.BF16, Precision.FP16, Precision.INT8, Precision.NF4})
 SERVED_ONLY_PRECISIONS = frozenset({Precision.FP8})
+# bitsandbytes checkpoints: their packed weights dequantize exactly into a float checkpoint (the float twin a fast
+# float engine can serve, ``steerserve quantize <int8|nf4 checkpoint> --precision fp32``).
+BITSANDBYTES_PRECISIONS = frozenset({Precision.INT8, Precision.NF4})
 
 # Engines able to serve each precision, preferred first (see server.engines.ENGINES).
 SERVING_ENGINES: dict[Precision, tuple[str, ...]] = {

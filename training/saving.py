@@ -56,12 +56,21 @@ def merge_dequantized(model: Any, adapter_dir: Path) -> Any:
     return merge_adapter(dequantized(model.unload()), adapter_dir)  # adapter layers removed unmerged first
 
 
-def dequantized(model: Any) -> Any:
-    """The 4-bit model's float32 weights, saved as the plain float checkpoint they now are (a base read from an
-    nf4 checkpoint on disk remembers how it was read, which ``save_pretrained`` cannot reverse)."""
+def dequantized(model: Any, dtype: str = "float32") -> Any:
+    """The bitsandbytes model's weights in ``dtype``, saved as the plain float checkpoint they now are (a base
+    read from an nf4 checkpoint on disk remembers how it was read, which ``save_pretrained`` cannot reverse).
+
+    Each 4-bit code times its block's scale is computed in ``dtype`` itself, as a float32 engine computes it:
+    left alone, bitsandbytes rounds the product through the dtype the weights were quantized from (bf16) first.
+    """
     import torch
 
-    model = model.dequantize(dtype=torch.float32)
+    target = getattr(torch, dtype)
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is not None:
+            state.dtype = target
+    model = model.dequantize(dtype=target)
     model._weight_conversions = None
     return model
 

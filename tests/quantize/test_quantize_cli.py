@@ -172,3 +172,39 @@ def test_bitsandbytes_variants_compute_in_this_machines_dtype(transformers_varia
         with torch.inference_mode():
             logits = model(input_ids=torch.tensor([[1, 2, 3]])).logits
         assert logits.dtype == expected and torch.isfinite(logits).all(), precision
+
+
+def test_a_bitsandbytes_variant_dequantizes_into_its_float_twin(transformers_variants: dict[str, Path],
+                                                                tmp_path: Path) -> None:
+    """``--precision fp32`` from an nf4 / int8 checkpoint writes the weights it holds as a plain float checkpoint:
+    nf4 computes on exactly those weights, so the twin's logits are the nf4 model's; int8 also quantizes its
+    activations, so its twin only comes close. Another quantized target stays refused (two roundings)."""
+    if "nf4" not in transformers_variants:
+        pytest.skip("bitsandbytes is not installed")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from steerserve.precision import Precision
+    from steerserve.server.engines.base import EngineConfig
+    from steerserve.server.engines.hf_engine import load_model
+
+    ids = torch.tensor([[1, 5, 9, 17, 33, 2, 7]])
+    for held, tolerance in (("nf4", 1e-3), ("int8", None)):
+        twin = tmp_path / f"{held}-twin"
+        assert quantize(transformers_variants[held], "fp32", twin) == 0, held
+        manifest = json.loads((twin / "manifest.json").read_text())
+        assert manifest["precision"] == "fp32" and manifest["source"]["precision"] == held
+        assert manifest["method"] == f"{held} weights dequantized to float32"
+        assert manifest["settings"] == {"dtype": "float32", "dequantized_from": held}
+        assert "quantization_config" not in json.loads((twin / "config.json").read_text())
+        assert abs(manifest["quality"]["perplexity_ratio"] - 1) < 0.05, manifest["quality"]
+        float_twin = AutoModelForCausalLM.from_pretrained(str(twin))
+        assert {p.dtype for p in float_twin.parameters()} == {torch.float32}
+        path = str(transformers_variants[held])
+        quantized = load_model(path, EngineConfig(model=path, precision=Precision(held)))
+        with torch.inference_mode():
+            expected, got = quantized(input_ids=ids).logits.float(), float_twin(input_ids=ids).logits
+        if tolerance is not None and expected.dtype == torch.float32 and quantized.dtype == torch.float32:
+            torch.testing.assert_close(got, expected, atol=tolerance, rtol=tolerance)
+        assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.7, held
+    assert quantize(transformers_variants["nf4"], "int8", tmp_path / "requantized") == 2

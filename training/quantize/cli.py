@@ -54,9 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_source(text: str, cache_dir: Path) -> Path:
+def resolve_source(text: str, cache_dir: Path, precision: Precision | None = None) -> Path:
     """A float checkpoint directory: ``default`` is converted once into the cache, and a LoRA adapter
-    (the shipped ``models/steered-default/acsft``, or any adapter directory) is merged once into its base."""
+    (the shipped ``models/steered-default/acsft``, or any adapter directory) is merged once into its base.
+
+    A bitsandbytes checkpoint (int8, nf4) is a source only for a float ``precision``: its float twin, the very
+    weights it holds dequantized, which a float engine serves several times faster (benchmarks sweep the twin).
+    Any other quantized checkpoint is refused: quantizing it again would compound two roundings.
+    """
+    from steerserve.precision import BITSANDBYTES_PRECISIONS
     from steerserve.server.variants import read_manifest
 
     if text == "default":
@@ -68,10 +74,11 @@ def resolve_source(text: str, cache_dir: Path) -> Path:
         if (path / "adapter_config.json").is_file():
             return _merged_adapter(path, cache_dir)
         raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json) nor a LoRA adapter")
-    precision = read_manifest(path).get("precision", "bf16")
-    if not Precision(precision).is_float:
-        raise ValueError(f"{path} is already quantized ({precision}); quantize from its 16-bit source")
-    return path
+    held = Precision(read_manifest(path).get("precision", "bf16"))
+    if held.is_float or (held in BITSANDBYTES_PRECISIONS and precision is not None and precision.is_float):
+        return path
+    raise ValueError(f"{path} is already quantized ({held.value}); quantize from its 16-bit source"
+                     + (" (or dequantize it: --precision fp32)" if held in BITSANDBYTES_PRECISIONS else ""))
 
 
 def _merged_adapter(adapter_dir: Path, cache_dir: Path) -> Path:
@@ -129,7 +136,7 @@ def run(args: argparse.Namespace) -> Path:
 
     if args.rounding and args.precision is not Precision.NF4:
         raise ValueError(f"--rounding applies to nf4 only, not {args.precision.value}")
-    source = resolve_source(args.source, args.cache_dir)
+    source = resolve_source(args.source, args.cache_dir, args.precision)
     info = _source_info(source)
     check_available(args.precision)
     if args.scorer == "vllm":
