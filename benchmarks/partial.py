@@ -27,9 +27,10 @@ from steerserve.training.output import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
-NOT_MEASUREMENT = frozenset({"output", "url", "model", "name", "rescore"})
-"""Arguments that choose where results go or which served models to pick, not how each is measured: a rerun
-may name more models, or the same server on another port, and still reuse what was measured."""
+NOT_MEASUREMENT = frozenset({"output", "url", "model", "name", "rescore", "request_timeout"})
+"""Arguments that choose where results go, which served models to pick or how long to wait, not how each is
+measured: a rerun may name more models, the same server on another port, or wait longer for a slow variant's
+answers, and still reuse what was measured."""
 
 
 class PartialResults:

@@ -35,6 +35,7 @@ from steerserve.measures import FK_MEASURE, chars, fk_grade, mean, spearman
 from steerserve.benchmarks.partial import AnswerLog
 from steerserve.benchmarks.report import figure, markdown_table
 from steerserve.benchmarks.servers import BenchTarget
+from steerserve.clients.client import DEFAULT_TIMEOUT
 
 NAME = "steerability"
 RESUMABLE = True
@@ -58,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "the easiest to stretch (a verbosity ratio of x4.66 there was x2.89 on the other 70)")
     group.add_argument("--answer-tokens", type=int, help="max tokens per answer (default 384; quick 24)")
     group.add_argument("--parallel", type=int, default=8, help="requests in flight at once")
+    group.add_argument("--request-timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                       help="how long one answer may take (default %(default)g). A slow variant decoding --parallel "
+                            "long answers at once can need more; changing it keeps the answers logged so far")
     group.add_argument("--apm", help="APM directory: also report mean predicted attributes at default sliders")
     group.add_argument("--sliders", type=swept_sliders, default=list(SWEEPS), metavar="NAME,...",
                        help="sweep only these sliders (default: verbosity,complexity); e.g. complexity alone to "
@@ -132,7 +136,8 @@ def answer_id(prompt: str, index: int, attributes: tuple[tuple[str, int], ...], 
 
 async def _answers(target: BenchTarget, prompts: list[str], max_tokens: int, parallel: int,
                    params: dict[str, Any] | None = None, hold: dict[str, int] | None = None,
-                   answer_log: AnswerLog | None = None, sliders: Sequence[str] = tuple(SWEEPS)) -> list[dict[str, Any]]:
+                   answer_log: AnswerLog | None = None, sliders: Sequence[str] = tuple(SWEEPS),
+                   timeout: float = DEFAULT_TIMEOUT) -> list[dict[str, Any]]:
     """Every (slider, level, prompt) answered with ``params`` (see ``decoding``); greedy or seeded, so reruns agree.
 
     Both sweeps hold the other slider at its default (or its ``hold`` level), so one level of each sweep asks
@@ -171,7 +176,7 @@ async def _answers(target: BenchTarget, prompts: list[str], max_tokens: int, par
     with answer_log if answer_log is not None else contextlib.nullcontext() as log:
         kept = sum(ids[key] in log.answers for key in requests) if log is not None else 0
         bar = tqdm(total=len(requests), initial=kept, desc=f"steerability {target.label}", unit="answer")
-        async with AsyncSteerClient(target.url) as client:
+        async with AsyncSteerClient(target.url, timeout=timeout) as client:
             replies = await asyncio.gather(*(one(client, log, key, *job) for key, job in requests.items()))
         bar.close()
     by_request = dict(zip(requests, replies))
@@ -239,7 +244,7 @@ def measure(target: BenchTarget, args: argparse.Namespace, answer_log: AnswerLog
         prompts = [every[i * len(every) // count] for i in range(count)]
     params = decoding(args)
     answers = asyncio.run(_answers(target, prompts, max_tokens, args.parallel, params, args.hold, answer_log,
-                                   args.sliders))
+                                   args.sliders, args.request_timeout))
     result = {"summary": summarize(answers), "answers": answers, "prompts": prompts, "max_tokens": max_tokens,
               "decoding": params, "reading_level_guidance": target.reading_level_guidance}
     if args.apm:

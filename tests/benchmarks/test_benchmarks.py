@@ -268,7 +268,7 @@ def test_a_sweep_stopped_mid_variant_goes_on_from_its_logged_answers(bench_serve
                            if answer is answers[0] else answer)
         with log.path.open("a") as cut:
             cut.write('{"id": "0|complexity:0')
-    again = bench(tmp_path / "again")["variants"][label]["answers"]
+    again = bench(tmp_path / "again", "--request-timeout", "900")["variants"][label]["answers"]  # waits longer
     assert [a["text"] for a in again[:1]] == ["LOGGED BEFORE THE KILL"]  # not asked again,
     assert again[0]["fkgl"] == pytest.approx(fk_grade("LOGGED BEFORE THE KILL"))  # but measured by today's measures
     assert [a["text"] for a in again[1:]] == [a["text"] for a in answers[1:]]  # the rest asked (greedy: the same)
