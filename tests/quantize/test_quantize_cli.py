@@ -204,7 +204,7 @@ def test_a_bitsandbytes_variant_dequantizes_into_its_float_twin(transformers_var
         quantized = load_model(path, EngineConfig(model=path, precision=Precision(held)))
         with torch.inference_mode():
             expected, got = quantized(input_ids=ids).logits.float(), float_twin(input_ids=ids).logits
-        if tolerance is not None and expected.dtype == torch.float32 and quantized.dtype == torch.float32:
+        if tolerance is not None and quantized.dtype == torch.float32:  # a bf16 engine rounds its own way
             torch.testing.assert_close(got, expected, atol=tolerance, rtol=tolerance)
         assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.7, held
     assert quantize(transformers_variants["nf4"], "int8", tmp_path / "requantized") == 2
