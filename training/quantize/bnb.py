@@ -1,6 +1,6 @@
 """int8 (LLM.int8) and nf4 with bitsandbytes, served by the transformers engine.
 
-    steerserve quantize default --precision nf4 --output runs/smollm2-nf4                      # GPTQ rounding
+    steerserve quantize default --precision nf4 --output runs/smollm2-nf4                      # GPTQ, act order
     steerserve quantize default --precision nf4 --rounding nearest --output runs/smollm2-nf4-rtn
 
 bitsandbytes 0.50.2 quantizes on CPU, and ``save_pretrained`` of the quantized model
@@ -39,7 +39,7 @@ def quantize(job: QuantizeJob, work: Path) -> MethodResult:
     model = AutoModelForCausalLM.from_pretrained(
         str(job.source), dtype=job.precision.torch_dtype_name, quantization_config=config, device_map="cpu"
     )
-    gptq = job.precision is Precision.NF4 and job.rounding == "gptq"
+    gptq = job.precision is Precision.NF4 and job.rounding.startswith("gptq")
     calibration = _round_nf4_with_gptq(job, model) if gptq else None
     model.save_pretrained(work)
     copy_tokenizer(job.source, work)
@@ -53,7 +53,8 @@ def quantize(job: QuantizeJob, work: Path) -> MethodResult:
         calibration=calibration,
         settings={k: str(v) for k, v in settings.items()},
         notes=["pre-quantized weights saved with save_pretrained; the transformers engine loads them as saved"]
-        + (["nf4 codes chosen by GPTQ error feedback (Hessians of the unquantized model's layer inputs); "
+        + ([f"nf4 codes chosen by GPTQ error feedback (Hessians of the unquantized model's layer inputs; "
+            f"{'largest inputs first' if job.rounding == 'gptq-act-order' else 'column order'}); "
             "same codebook, scales and layout as bitsandbytes' own"] if gptq else []),
     )
 
@@ -67,7 +68,7 @@ def _round_nf4_with_gptq(job: QuantizeJob, quantized: Any) -> dict[str, Any]:
     from steerserve.training.quantize.nf4_rounding import gptq_nf4, input_hessians, write_nf4
 
     tokenizer = AutoTokenizer.from_pretrained(str(job.source))
-    texts = calibration_texts(job.calibration, job.calibration_samples)
+    texts = calibration_texts(job.calibration, job.calibration_samples, job.source)
     batches = [tokenizer(text, return_tensors="pt", truncation=True, max_length=job.calibration_max_tokens).input_ids
                for text in texts]
     layers = {name: module for name, module in quantized.named_modules()
@@ -76,7 +77,8 @@ def _round_nf4_with_gptq(job: QuantizeJob, quantized: Any) -> dict[str, Any]:
     hessians = input_hessians(source, layers, batches)
     for name, module in layers.items():
         codebook = module.weight.quant_state.code.float().cpu()
-        indices, absmax = gptq_nf4(source.get_submodule(name).weight, hessians.pop(name), codebook)
+        indices, absmax = gptq_nf4(source.get_submodule(name).weight, hessians.pop(name), codebook,
+                                   act_order=job.rounding == "gptq-act-order")
         write_nf4(module, indices, absmax)
     return calibration_entry(job.calibration, len(texts), job.calibration_max_tokens)
 

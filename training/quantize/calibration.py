@@ -1,10 +1,16 @@
 """Named texts read in place from ``../shared/data``: calibration sets, the held-out text and the MCQ sample.
 
     texts = calibration_texts("oasst1", samples=128)     # what GPTQ / SmoothQuant calibrate on
+    texts = calibration_texts("oasst1-chat", samples=128, source=checkpoint)  # as that model is served
 
 Calibration and evaluation never share a source: calibration reads oasst1 or the
 MMLU *dev* split; perplexity is measured on MT-Bench reference answers and MCQ
 accuracy on the MMLU *test* split.
+
+``oasst1-chat`` is what a served model actually reads: oasst1 prompt -> reply exchanges rendered by the one
+prompt renderer with the checkpoint's own chat template and steering method, the verbosity and complexity
+sliders spread over all 25 level pairs. Plain oasst1 text never shows a quantizer the system turn, the attribute
+line or the template's tokens that steering hangs on.
 """
 
 from __future__ import annotations
@@ -15,7 +21,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from steerserve.prompts import SteeringMethod
 from steerserve.training.config import PROJECT_ROOT
+
+Exchange = tuple[str, str]
+"""A user prompt and the reply it got."""
 
 DATA_DIR = PROJECT_ROOT.parent / "shared" / "data"
 OASST = DATA_DIR / "oasst1" / "oasst1_en_validation.jsonl"
@@ -64,17 +74,80 @@ def _mmlu_dev(samples: int) -> list[str]:
     return texts[:samples]
 
 
+def oasst_exchanges(samples: int) -> list[Exchange]:
+    """The first English oasst1 prompts with a reply of some substance (their first such reply), in file order."""
+    prompts: dict[str, str] = {}
+    exchanges: list[Exchange] = []
+    answered: set[str] = set()
+    with _require(OASST).open() as handle:
+        for line in handle:
+            record = json.loads(line)
+            text = record.get("text", "").strip()
+            if record.get("role") == "prompter":
+                prompts[record["message_id"]] = text
+            elif (parent := record.get("parent_id")) in prompts and parent not in answered and len(text) >= 200:
+                answered.add(parent)
+                exchanges.append((prompts[parent], text))
+                if len(exchanges) == samples:
+                    break
+    return exchanges
+
+
+def calibration_sliders(index: int) -> dict[str, int]:
+    """The verbosity and complexity levels of the ``index``-th chat calibration text: all 25 pairs in turn."""
+    return {"verbosity": index % 5, "complexity": index // 5 % 5}
+
+
+def _render_chats(exchanges: list[Exchange], source: Path) -> list[str]:
+    """Each exchange as ``source`` is served: its template, its steering method, the reply and the turn's end."""
+    from transformers import AutoTokenizer
+
+    from steerserve.training.runner import chat_prompt, end_of_turn
+
+    tokenizer = AutoTokenizer.from_pretrained(str(source))
+    method = served_steering(source, tokenizer)
+    return [chat_prompt([{"role": "user", "content": prompt}], calibration_sliders(index), method, tokenizer)
+            + reply + end_of_turn(method, tokenizer) for index, (prompt, reply) in enumerate(exchanges)]
+
+
+def served_steering(source: Path, tokenizer: Any = None) -> SteeringMethod:
+    """The steering method ``source`` is served with: its manifest's, else what a model never conditioned gets."""
+    from steerserve.server.variants import read_manifest
+
+    steering = read_manifest(source).get("steering")
+    if steering:
+        return SteeringMethod(steering)
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(source))
+    return SteeringMethod.INSTRUCTIONS if tokenizer.chat_template else SteeringMethod.STEERLM
+
+
 CALIBRATION_SETS: dict[str, tuple[Callable[[int], list[str]], Path]] = {
     "oasst1": (_oasst, OASST),
     "mmlu-dev": (_mmlu_dev, MMLU_DEV),
 }
+CHAT_CALIBRATION_SETS: dict[str, tuple[Callable[[int], list[Exchange]], Path]] = {
+    "oasst1-chat": (oasst_exchanges, OASST),
+}
+"""Sets rendered per checkpoint (they need its tokenizer and steering method)."""
+CALIBRATION_NAMES = (*CALIBRATION_SETS, *CHAT_CALIBRATION_SETS)
 
 
-def calibration_texts(name: str, samples: int) -> list[str]:
-    """``samples`` texts of the named calibration set (ValueError naming the known sets)."""
-    if name not in CALIBRATION_SETS:
-        raise ValueError(f"unknown calibration set {name!r}; known: {', '.join(CALIBRATION_SETS)}")
-    texts = CALIBRATION_SETS[name][0](samples)
+def calibration_texts(name: str, samples: int, source: Path | None = None) -> list[str]:
+    """``samples`` texts of the named calibration set (ValueError naming the known sets).
+
+    A chat set is rendered for the checkpoint ``source``, so it needs one.
+    """
+    if name in CHAT_CALIBRATION_SETS:
+        if source is None:
+            raise ValueError(f"calibration set {name!r} is rendered with a checkpoint's chat template; give a source")
+        texts = _render_chats(CHAT_CALIBRATION_SETS[name][0](samples), Path(source))
+    elif name in CALIBRATION_SETS:
+        texts = CALIBRATION_SETS[name][0](samples)
+    else:
+        raise ValueError(f"unknown calibration set {name!r}; known: {', '.join(CALIBRATION_NAMES)}")
     if not texts:
         raise ValueError(f"calibration set {name!r} yielded no texts")
     return texts
@@ -82,7 +155,11 @@ def calibration_texts(name: str, samples: int) -> list[str]:
 
 def calibration_entry(name: str, samples: int, max_tokens: int) -> dict[str, Any]:
     """What the manifest records about the calibration data."""
-    return {"name": name, "path": str(CALIBRATION_SETS[name][1]), "samples": samples, "max_tokens": max_tokens}
+    path = {**CALIBRATION_SETS, **CHAT_CALIBRATION_SETS}[name][1]
+    entry = {"name": name, "path": str(path), "samples": samples, "max_tokens": max_tokens}
+    if name in CHAT_CALIBRATION_SETS:
+        entry["rendering"] = "served chat prompt + reply; verbosity, complexity = i % 5, i // 5 % 5"
+    return entry
 
 
 def held_out_text(max_chars: int) -> str:

@@ -26,7 +26,7 @@ from steerserve.precision import Precision
 logger = logging.getLogger(__name__)
 
 EXIT_UNAVAILABLE = 3
-ROUNDINGS = ("gptq", "nearest")
+ROUNDINGS = ("gptq", "gptq-act-order", "nearest")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,12 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
                         metavar="{" + ",".join(p.value for p in Precision) + "}")
     parser.add_argument("--output", type=Path, required=True, help="output directory (written atomically)")
     parser.add_argument("--force", action="store_true", help="overwrite a finished output")
-    parser.add_argument("--calibration", default="oasst1", help="calibration data set: oasst1 or mmlu-dev")
+    parser.add_argument("--calibration", default="oasst1",
+                        help="calibration data set: oasst1 (plain text), oasst1-chat (oasst1 exchanges rendered as "
+                             "the checkpoint is served: chat template, steering, sliders spread) or mmlu-dev")
     parser.add_argument("--calibration-samples", type=int, default=128)
     parser.add_argument("--calibration-max-tokens", type=int, default=512, help="tokens kept per calibration text")
     parser.add_argument("--rounding", choices=ROUNDINGS,
-                        help="nf4 only: how each weight's 4-bit code is chosen: gptq (default; error feedback on "
-                             "the calibration set, same nf4 format) or nearest (bitsandbytes' own rounding)")
+                        help="nf4 only: how each weight's 4-bit code is chosen: gptq-act-order (default; error "
+                             "feedback on the calibration set, columns with the largest inputs first; same nf4 "
+                             "format), gptq (the same in column order) or nearest (bitsandbytes' own rounding)")
     parser.add_argument("--eval-chars", type=int, default=16000, help="held-out characters scored for perplexity")
     parser.add_argument("--mcq-per-subject", type=int, default=2, help="MMLU test questions per subject (57)")
     parser.add_argument("--mcq-items", type=int, help="keep only the first N MCQ items (quick checks)")
@@ -111,14 +114,11 @@ def _merged_adapter(adapter_dir: Path, cache_dir: Path) -> Path:
 
 def _source_info(source: Path) -> dict[str, Any]:
     """Name, precision and steering the variant inherits, so it is served as ``name:precision``."""
-    from transformers import AutoTokenizer
-
     from steerserve.server.variants import read_manifest
+    from steerserve.training.quantize.calibration import served_steering
 
     manifest = read_manifest(source)
-    steering = manifest.get("steering")
-    if not steering:
-        steering = "instructions" if AutoTokenizer.from_pretrained(str(source)).chat_template else "steerlm"
+    steering = served_steering(source).value
     return {"path": str(source), "name": manifest.get("name") or source.name,
             "precision": manifest.get("precision", "bf16"), "steering": steering,
             "recipe": manifest.get("recipe"), "base_model": manifest.get("base_model"),

@@ -52,7 +52,7 @@ def quantize(job: QuantizeJob, work: Path) -> MethodResult:
     """Calibrate and pack with GPTQModel in a child process; writes a GPTQ checkpoint into ``work``."""
     require("gptqmodel", INSTALL_HINT)
     bits, group = BITS[job.precision], group_size_for(job.source)
-    texts = calibration_texts(job.calibration, job.calibration_samples)
+    texts = calibration_texts(job.calibration, job.calibration_samples, job.source)
     with tempfile.TemporaryDirectory(prefix="steerserve-gptq-") as tmp:
         spec = Path(tmp) / "spec.json"
         spec.write_text(json.dumps({"source": str(Path(job.source).resolve()), "output": str(Path(work).resolve()),

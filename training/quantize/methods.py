@@ -55,8 +55,9 @@ class QuantizeJob:
     calibration_samples: int = 128
     calibration_max_tokens: int = 512
     seed: int = 0
-    rounding: str = "gptq"
-    """nf4 only: ``gptq`` (codes chosen by error feedback on the calibration set) or ``nearest`` (bitsandbytes')."""
+    rounding: str = "gptq-act-order"
+    """nf4 only: ``gptq-act-order`` (codes chosen by error feedback on the calibration set, columns with the
+    largest inputs first), ``gptq`` (the same in column order) or ``nearest`` (bitsandbytes')."""
     eval_set: dict[str, Any] | None = None
     """quality.build_eval_set output: a method that holds the quantized model anyway may score it."""
 
