@@ -12,11 +12,11 @@ Why it matters here: the default model's weights were dequantized from a 4-bit G
 re-rounds them onto another 4-bit grid: perplexity ×1.24 over float on the MT-Bench reference answers, ×1.12
 with GPTQ rounding (``benchmarks/results/nf4-gptq-rounding/``). Shrinking each block's scale to cut the weights'
 squared error instead (clipping) made it worse (×1.31): the outliers matter. Rounding the columns with the
-largest inputs first (act order) took the steered default's nf4 from ×1.151 to ×1.095 and gave back most of
-its verbosity slider (``benchmarks/results/nf4-act-order/``).
+largest inputs first (act order) took the steered default's nf4 perplexity ratio from 1.152 to 1.095 and gave
+back most of its verbosity slider (``benchmarks/results/nf4-act-order/``).
 
     hessians = input_hessians(float_model, names, token_batches)  # {linear name: [in, in]}
-    indices, absmax = gptq_nf4(weight, hessians[name], codebook)
+    indices, absmax = gptq_nf4(weight, hessians[name], codebook, act_order=True)
     write_nf4(linear4bit_module, indices, absmax)                # replaces the nearest-code bytes in place
 """
 
