@@ -66,8 +66,12 @@ def dequantized(model: Any, dtype: str = "float32") -> Any:
     import torch
 
     target = getattr(torch, dtype)
-    for module in model.modules():
+    for name, module in model.named_modules():
         state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is not None and getattr(state, "packing_format_for_cpu", False):
+            raise ValueError(f"{name}: bitsandbytes repacked this 4-bit weight for its AVX-512 bf16 kernel, "
+                             "rounding its block scales to bf16; load the model in float32 (hf_engine.load_model "
+                             "with compute_dtype='float32') to keep the stored codes and scales")
         if state is not None:
             state.dtype = target
     model = model.dequantize(dtype=target)

@@ -78,7 +78,8 @@ def load_model(path: str, config: EngineConfig, compute_dtype: str | None = None
 
     A saved nf4 checkpoint brings its own ``bnb_4bit_compute_dtype`` (the quantizing machine's), and
     transformers keeps the saved quantization config over the one passed in; the 4-bit layers are set
-    to this machine's compute dtype after loading (float32 on a CPU without native bf16). ``config.adapter``
+    to this machine's compute dtype after loading (float32 on a CPU without native bf16), and in float32
+    they stay off bitsandbytes' bf16-only repacked kernel. ``config.adapter``
     is injected unmerged (transformers' PEFT integration) and stays active.
     """
     from transformers import AutoModelForCausalLM
@@ -94,6 +95,12 @@ def load_model(path: str, config: EngineConfig, compute_dtype: str | None = None
         for module in model.modules():
             if isinstance(module, bitsandbytes.nn.Linear4bit):
                 module.compute_dtype = dtype
+                # On an AVX-512 bf16 CPU, bitsandbytes repacks a 4-bit weight for its bf16 kernel at the first
+                # inference forward, rounding each block's scale to bf16 and computing in bf16 whatever
+                # compute_dtype says (and the repacking cannot be undone exactly). A float32 engine (training,
+                # the twin's reference, an explicit compute dtype) keeps the stored codes and scales as they are.
+                if dtype == torch.float32:
+                    module.support_avx512bf16_for_cpu = False
     if config.adapter:
         if importlib.util.find_spec("peft") is None:  # transformers would say so with a ValueError
             raise EngineError(f"the adapter {config.adapter} needs peft: pip install -e '.[train]'")

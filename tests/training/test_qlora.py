@@ -119,3 +119,28 @@ def test_on_a_base_quantize_already_made_nf4_the_adapter_trains_on_the_stored_co
     with_adapter = logits(served(base, run / "adapter"))
     as_merged = logits(AutoModelForCausalLM.from_pretrained(run, dtype=torch.float32).eval())
     torch.testing.assert_close(with_adapter, as_merged, rtol=0, atol=2e-3)
+
+
+def test_a_float32_engine_keeps_nf4_off_the_bf16_repacking(tiny_model_dir: Path) -> None:
+    """On an AVX-512 bf16 CPU bitsandbytes repacks 4-bit weights at the first inference forward, rounding their
+    block scales to bf16; the float32 engine must not let it, and a repacked model is refused, not dequantized."""
+    import bitsandbytes
+    from bitsandbytes.functional import has_avx512bf16
+
+    from steerserve.training.saving import dequantized
+
+    model = served(tiny_model_dir, None)
+    before = {name: m.weight.data.clone() for name, m in model.named_modules()
+              if isinstance(m, bitsandbytes.nn.Linear4bit)}
+    logits(model)  # an inference forward, where the repacking would happen
+    after = {name: m for name, m in model.named_modules() if isinstance(m, bitsandbytes.nn.Linear4bit)}
+    assert before and all(torch.equal(after[name].weight.data, data) for name, data in before.items())
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in after.values())
+    if not has_avx512bf16():
+        return  # nothing repacks here: the refusal below cannot be provoked
+    module = next(iter(after.values()))
+    module.support_avx512bf16_for_cpu = True
+    logits(model)
+    assert module.weight.quant_state.packing_format_for_cpu
+    with pytest.raises(ValueError, match="repacked"):
+        dequantized(model)
