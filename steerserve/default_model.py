@@ -116,9 +116,8 @@ def quantized_default_dir(cache_dir: Path, precision: str) -> Path:
     """The default model quantized by ``steerserve quantize`` with its default settings, quantizing on first use.
 
     About 2.5 minutes on 2 cores for nf4 (GPTQ rounding in column order, calibrated on oasst1 in
-    ``../shared/data``), then
-    instant. The build is deterministic: rebuilt here, it held the very tensors of the checkpoint the shipped
-    ``steered:nf4`` adapter trained on.
+    ``../shared/data``), then instant. The build is deterministic: rebuilt here, it held the very tensors of the
+    checkpoint the shipped ``steered:nf4`` adapter trained on.
     """
     from steerserve.precision import Precision
     from steerserve.training.quantize.cli import build_parser, run
