@@ -101,7 +101,7 @@ class Variant:
         return self.tokenizer(text, add_special_tokens=add_special)["input_ids"]
 
 
-def _default_steering(tokenizer: Any) -> SteeringMethod:
+def default_steering(tokenizer: Any) -> SteeringMethod:
     """A model with its own chat template gets plain-language instructions; others the SteerLM format."""
     return SteeringMethod.INSTRUCTIONS if tokenizer.chat_template else SteeringMethod.STEERLM
 
@@ -192,7 +192,7 @@ def prepare_variant(variant: Variant) -> None:
     if variant.prepare is not None:
         variant.prepare()
     variant.tokenizer = AutoTokenizer.from_pretrained(str(variant.tokenizer_path or variant.path))
-    variant.steering = variant.steering or _default_steering(variant.tokenizer)
+    variant.steering = variant.steering or default_steering(variant.tokenizer)
     if variant.steering is not SteeringMethod.STEERLM and not variant.tokenizer.chat_template:
         raise ValueError(f"steering {variant.steering.value!r} needs a chat template; the tokenizer has none")
     if variant.reading_level_guidance > 0:

@@ -111,8 +111,8 @@ def _render_chats(exchanges: list[Exchange], source: Path) -> list[str]:
 
 
 def served_steering(source: Path, tokenizer: Any = None) -> SteeringMethod:
-    """The steering method ``source`` is served with: its manifest's, else what a model never conditioned gets."""
-    from steerserve.server.variants import read_manifest
+    """The steering method ``source`` is served with: its manifest's, else the server's default for its tokenizer."""
+    from steerserve.server.variants import default_steering, read_manifest
 
     steering = read_manifest(source).get("steering")
     if steering:
@@ -121,7 +121,7 @@ def served_steering(source: Path, tokenizer: Any = None) -> SteeringMethod:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(source))
-    return SteeringMethod.INSTRUCTIONS if tokenizer.chat_template else SteeringMethod.STEERLM
+    return default_steering(tokenizer)
 
 
 CALIBRATION_SETS: dict[str, tuple[Callable[[int], list[str]], Path]] = {

@@ -27,7 +27,9 @@ from typing import Any
 
 from steerserve.precision import Precision, compute_dtype_here
 from steerserve.prompts import MCQ_ANSWER_PREFIX, SteeringMethod, mcq_answer_token_text, render_chat, render_mcq_question
-from steerserve.training.quantize.calibration import MMLU_TEST, MT_BENCH_ANSWERS, held_out_text, mmlu_rows
+from steerserve.training.quantize.calibration import (
+    MMLU_TEST, MT_BENCH_ANSWERS, held_out_text, mmlu_rows, served_steering,
+)
 from steerserve.training.output import write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -45,15 +47,6 @@ class QualityConfig:
     """MMLU test questions per subject (57 subjects), the first ones of each file."""
     mcq_max_items: int | None = None
     """Keep only the first N of those (quick checks); None keeps all."""
-
-
-def _steering(model_dir: Path, tokenizer: Any) -> SteeringMethod:
-    """The manifest's steering method, else the server's default for this tokenizer."""
-    manifest = model_dir / "manifest.json"
-    steering = json.loads(manifest.read_text()).get("steering") if manifest.is_file() else None
-    if steering:
-        return SteeringMethod(steering)
-    return SteeringMethod.INSTRUCTIONS if tokenizer.chat_template else SteeringMethod.STEERLM
 
 
 def _tokenize(tokenizer: Any, text: str) -> list[int]:
@@ -91,7 +84,7 @@ def build_eval_set(source: Path, config: QualityConfig) -> dict[str, Any]:
     sequences = [head + ids[i : i + chunk] for i in range(0, len(ids) - 1, chunk)]
     return {
         "sequences": [s for s in sequences if len(s) > 1],
-        "mcq": _mcq_items(tokenizer, _steering(source, tokenizer), config, limit),
+        "mcq": _mcq_items(tokenizer, served_steering(source, tokenizer), config, limit),
         "description": {
             "perplexity_text": f"{MT_BENCH_ANSWERS} (first {config.text_chars} characters, "
                                f"{len(ids)} tokens, windows of {chunk})",
