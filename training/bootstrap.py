@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 from steerserve.measures import LEVELS, chars, fk_grade, words
-from steerserve.prompts import SteeringMethod
 from steerserve.training import distributed, runner
 from steerserve.training.config import CommonConfig, ConfigError, option
 from steerserve.training.data.attribute_rows import FORMATS, load_attribute_rows
@@ -101,7 +100,9 @@ def sample_plan(prompts: Sequence[str], config: BootstrapConfig) -> list[dict[st
 
 def render_requests(plan: Sequence[dict[str, Any]], tokenizer: Any, config: BootstrapConfig) -> list[dict[str, Any]]:
     """The sampling requests: each prompt rendered with its instruction exactly as the server would."""
-    method = SteeringMethod.INSTRUCTIONS if tokenizer.chat_template else SteeringMethod.STEERLM
+    from steerserve.server.variants import default_steering
+
+    method = default_steering(tokenizer)
     return [{"prompt": runner.chat_prompt([{"role": "user", "content": entry["prompt"]}], entry["instructed"],
                                           method, tokenizer),
              "temperature": entry["temperature"], "top_p": config.top_p, "max_tokens": config.max_tokens,
