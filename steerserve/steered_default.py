@@ -5,14 +5,21 @@ run's ``adapter/`` with its manifest into ``models/steered-default/<name>/`` (a 
 ``steerserve serve`` with no ``--model`` then serves the base model plus one model id per
 shipped adapter, the SteerLM one under :data:`STEERED_ID`. An adapter trained on a quantized
 base (QLoRA, ``lora_base_precision``) is served on the default model in that precision, so
-``steered:nf4`` comes with its own ``smollm2-135m-instruct:nf4`` base: the ``default:nf4`` checkpoint it trained
-on (``make`` trains it there), built into the cache on first use (see steerserve.default_model)::
+``steered-qlora:nf4`` comes with its own ``smollm2-135m-instruct:nf4`` base: the ``default:nf4`` checkpoint it
+trained on (``make`` trains it there), built into the cache on first use (see steerserve.default_model)::
 
     python -m steerserve.steered_default package runs/steered-default models/steered-default
+
+``steered:<precision>`` names the shipped SteerLM adapter merged into the default model and quantized by
+``steerserve quantize`` with its defaults (nf4: GPTQ rounding in act order), built once into the cache for the
+adapter as shipped (:func:`quantized_steered_dir`). That merged nf4 keeps more of the verbosity slider than the
+QLoRA adapter on the column-order ``default:nf4`` (x2.13 against x1.51 on the 80 MT-Bench prompts), so it, not
+the QLoRA adapter, is served as ``steered:nf4``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -30,9 +37,13 @@ logger = logging.getLogger(__name__)
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "models" / "steered-default"
 # run name -> model id it is served under
-ADAPTERS = {"acsft": "steered", "acsft-nf4": "steered", "dpo-robust": "dpo-robust", "dpo-sigmoid": "dpo-sigmoid",
+ADAPTERS = {"acsft": "steered", "acsft-nf4": "steered-qlora", "dpo-robust": "dpo-robust", "dpo-sigmoid": "dpo-sigmoid",
             "mcq": "mcq"}
 STEERED_ID = "steered"
+STEERED_RUN = "acsft"
+"""The shipped adapter ``steered:<precision>`` merges and quantizes."""
+STEERED_BUILD_DIR = "steered"
+"""Where the ``steered:<precision>`` builds live in the cache, one folder per shipped adapter content."""
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 MAX_CHAIN = 8  # LoRA runs trained on top of each other that package stacks; more is surely a manifest loop
 
@@ -121,13 +132,84 @@ def base_spec(adapter: Path) -> VariantSpec:
     return VariantSpec(path=DEFAULT_MODEL, precision=precision)
 
 
+def steered_precision(text: str) -> str | None:
+    """``"nf4"`` for ``steered:nf4``; None when ``text`` names no ``steered:<precision>`` build. Plain ``steered``
+    is no build: the bf16 steered model is the shipped adapter itself, served on the default model."""
+    name, sep, precision = text.partition(":")
+    return precision if name == STEERED_ID and sep and precision else None
+
+
+def _adapter_digest(adapter: Path) -> str:
+    """A key for the adapter's content: a checkout, a copy or a touched file of the same adapter build once."""
+    digest = hashlib.sha256()
+    for name in ADAPTER_FILES:
+        digest.update(name.encode() + b"\0" + (adapter / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def quantized_steered_path(cache_dir: Path, precision: str, shipped: Path | None = None) -> Path:
+    """Where ``steered:<precision>`` of the adapter shipped in ``shipped`` is (or will be) built; a finished build
+    has its manifest.json. Another adapter (a retrained one) builds elsewhere: a build never outlives its source."""
+    adapter = (shipped or SHIPPED_DIR) / STEERED_RUN
+    if not (adapter / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{STEERED_ID}:{precision}: no shipped SteerLM adapter at {adapter} "
+                                "(make steered-default packages it)")
+    return Path(cache_dir).expanduser() / STEERED_BUILD_DIR / _adapter_digest(adapter) / precision
+
+
+def quantized_steered_dir(cache_dir: Path, precision: str, shipped: Path | None = None) -> Path:
+    """The shipped SteerLM adapter merged into the default model and quantized by ``steerserve quantize`` with its
+    defaults, quantizing on first use (nf4: about 4.5 minutes on 2 cores, calibrated on oasst1 in
+    ``../shared/data``), then instant. Its manifest names it ``steered``, so it is served as
+    ``steered:<precision>``."""
+    from steerserve.precision import Precision
+    from steerserve.training.quantize.cli import build_parser, run
+
+    if precision == Precision.BF16.value:
+        raise ValueError(f"{STEERED_ID}:bf16 is the shipped adapter on the default model, served as is: "
+                         f"--model {SHIPPED_DIR / STEERED_RUN},base=smollm2-135m-instruct:bf16")
+    if precision not in {p.value for p in Precision}:
+        known = ", ".join(p.value for p in Precision if p != Precision.BF16)
+        raise ValueError(f"{STEERED_ID}:{precision}: unknown precision; one of {known}")
+    output = quantized_steered_path(cache_dir, precision, shipped)
+    if (output / "manifest.json").is_file():
+        return output
+    adapter = (shipped or SHIPPED_DIR) / STEERED_RUN
+    logger.info("merging %s into the default model and quantizing it to %s at %s (once)", adapter, precision, output)
+    args = build_parser().parse_args([str(adapter), "--precision", precision, "--output", str(output),
+                                      "--cache-dir", str(cache_dir), "--eval-chars", "8000", "--mcq-per-subject", "1"])
+    return run(args)
+
+
+def resolve_steered(text: str, cache_dir: Path) -> Path | None:
+    """The checkpoint ``steered:<precision>`` names, built on first use; None for any other text."""
+    precision = steered_precision(text)
+    return None if precision is None else quantized_steered_dir(cache_dir, precision)
+
+
+def built_steered_specs(shipped: Path, cache: Path) -> list[VariantSpec]:
+    """A variant for every ``steered:<precision>`` of the shipped adapter already built in ``cache``."""
+    from steerserve.precision import Precision
+    from steerserve.server.settings import VariantSpec
+
+    if not (shipped / STEERED_RUN / "adapter_config.json").is_file():
+        return []
+    builds = {p: quantized_steered_path(cache, p.value, shipped) for p in Precision if p != Precision.BF16}
+    if not (builds[Precision.NF4] / "manifest.json").is_file():
+        logger.warning("%s:nf4 not served: not built yet (once, ~4.5 min on 2 cores): steerserve serve --model "
+                       "%s:nf4", STEERED_ID, STEERED_ID)
+    return [VariantSpec(path=str(build)) for build in builds.values() if (build / "manifest.json").is_file()]
+
+
 def default_model_specs(shipped: Path = SHIPPED_DIR, cache_dir: Path | None = None) -> list[VariantSpec]:
     """What ``steerserve serve`` serves with no ``--model``: the default model and its shipped adapters, each on
-    the default model in the precision it was trained on (bf16, the converted checkpoint's, unless QLoRA).
+    the default model in the precision it was trained on (bf16, the converted checkpoint's, unless QLoRA), and
+    every ``steered:<precision>`` already built in ``cache_dir``.
 
     An adapter whose base is a ``default:<precision>`` build is served only once that build is in ``cache_dir``
-    (the server's cache; training on it or ``--model default:nf4`` builds it): quantizing it costs minutes and
-    needs the calibration data, which a first ``steerserve serve`` should not wait for. The log says how.
+    (the server's cache; training on it or ``--model default:nf4`` builds it), and so is ``steered:nf4``
+    (``--model steered:nf4`` builds it): quantizing costs minutes and needs the calibration data, which a first
+    ``steerserve serve`` should not wait for. The log says how.
     """
     from steerserve.default_model import (
         CACHE_DIR, DEFAULT_MODEL, DEFAULT_MODEL_NAME, default_precision, quantized_default_path,
@@ -148,7 +230,7 @@ def default_model_specs(shipped: Path = SHIPPED_DIR, cache_dir: Path | None = No
         if spec not in bases:
             bases.append(spec)
         served.append(VariantSpec(path=str(adapter), base=base_id))
-    return [*bases, *served]
+    return [*bases, *built_steered_specs(shipped, cache), *served]
 
 
 if __name__ == "__main__":

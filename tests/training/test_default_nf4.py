@@ -1,5 +1,6 @@
 """``default:nf4``: the default model quantized once by ``steerserve quantize`` into the cache, the one checkpoint a
-QLoRA adapter of the default model trains on and is served on (both see the same GPTQ-rounded codes).
+QLoRA adapter of the default model trains on and is served on (both see the same GPTQ-rounded codes); and
+``steered:nf4``: the shipped SteerLM adapter merged into the default model and quantized once the same way.
 
 The cache's default checkpoint is a tiny model here (the real one takes minutes to quantize on 2 cores); the
 quantization, training, packaging and serving are the real ones.
@@ -25,6 +26,15 @@ pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning"
 pytest.importorskip("bitsandbytes")
 
 
+def _tiny_default(cache: Path, tiny_model_dir: Path) -> Path:
+    """The tiny model where default_model_dir keeps the converted default model, as if converted there."""
+    converted = cache / DEFAULT_MODEL_NAME / "bf16"
+    shutil.copytree(tiny_model_dir, converted)
+    (converted / "manifest.json").write_text(json.dumps({"name": DEFAULT_MODEL_NAME, "precision": "bf16",
+                                                         "steering": "instructions"}))
+    return converted
+
+
 def test_default_names_parse_and_unknown_precisions_are_refused(tmp_path: Path) -> None:
     assert [default_precision(t) for t in ("default", "default:nf4", "defaults", "runs/default")] == [
         "bf16", "nf4", None, None]
@@ -48,10 +58,7 @@ def test_default_nf4_is_built_once_trained_on_and_serves_the_packaged_adapter(
     from steerserve.steered_default import default_model_specs, package
 
     cache = tmp_path / "cache"
-    converted = cache / DEFAULT_MODEL_NAME / "bf16"  # where default_model_dir keeps the converted default model
-    shutil.copytree(tiny_model_dir, converted)
-    (converted / "manifest.json").write_text(json.dumps({"name": DEFAULT_MODEL_NAME, "precision": "bf16",
-                                                         "steering": "instructions"}))
+    converted = _tiny_default(cache, tiny_model_dir)
     monkeypatch.setenv("STEERSERVE_CACHE_DIR", str(cache))
 
     runs = tmp_path / "runs"
@@ -79,9 +86,61 @@ def test_default_nf4_is_built_once_trained_on_and_serves_the_packaged_adapter(
     with LiveServer(create_app(settings)) as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
         cards = {card.id: card.model_dump() for card in client.models.list().data}
-        assert set(cards) == {f"{DEFAULT_MODEL_NAME}:bf16", f"{DEFAULT_MODEL_NAME}:nf4", "steered:nf4"}
-        assert cards["steered:nf4"]["base"] == f"{DEFAULT_MODEL_NAME}:nf4"
-        assert cards["steered:nf4"]["served_as"] == "unmerged"
+        assert set(cards) == {f"{DEFAULT_MODEL_NAME}:bf16", f"{DEFAULT_MODEL_NAME}:nf4", "steered-qlora:nf4"}
+        assert cards["steered-qlora:nf4"]["base"] == f"{DEFAULT_MODEL_NAME}:nf4"
+        assert cards["steered-qlora:nf4"]["served_as"] == "unmerged"
+        reply = client.chat.completions.create(model="steered-qlora:nf4", messages=[{"role": "user", "content": "Hi"}],
+                                               max_tokens=4, temperature=0, extra_body={"attributes": {"verbosity": 4}})
+        assert reply.usage.completion_tokens >= 1
+
+
+def test_steered_nf4_is_the_shipped_adapter_merged_and_quantized_once(
+        tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import steerserve.steered_default as steered_default
+    from adapter_helpers import make_adapter
+    from steerserve.server.app import create_app
+    from steerserve.server.settings import ServerSettings, VariantSpec
+    from steerserve.steered_default import (
+        default_model_specs, quantized_steered_dir, quantized_steered_path, steered_precision,
+    )
+
+    assert [steered_precision(t) for t in ("steered:nf4", "steered", "steered-qlora:nf4", "runs/steered:nf4")] == [
+        "nf4", None, None, None]
+    cache, shipped = tmp_path / "cache", tmp_path / "models"
+    converted = _tiny_default(cache, tiny_model_dir)
+    adapter_manifest = {"name": "steered", "recipe": "acsft", "base_model": DEFAULT_MODEL_NAME, "steering": "described"}
+    make_adapter(converted, shipped / "acsft", seed=1, rank=4, manifest=adapter_manifest)
+    with pytest.raises(ValueError, match="steered:bf16 is the shipped adapter on the default model"):
+        quantized_steered_dir(cache, "bf16", shipped)
+    with pytest.raises(ValueError, match="steered:nf5: unknown precision"):
+        quantized_steered_dir(cache, "nf5", shipped)
+    # Not built yet: a plain serve offers the adapter alone (and logs how to build steered:nf4)
+    assert [s.path for s in default_model_specs(shipped, cache_dir=cache)] == ["default", str(shipped / "acsft")]
+
+    monkeypatch.setattr(steered_default, "SHIPPED_DIR", shipped)
+    settings = ServerSettings(models=[VariantSpec(path="steered:nf4")], engine="transformers", cache_dir=cache,
+                              max_model_len=512)
+    with LiveServer(create_app(settings)) as server:  # builds it before it serves
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        cards = {card.id: card.model_dump() for card in client.models.list().data}
+        assert set(cards) == {"steered:nf4"}
+        assert (cards["steered:nf4"]["steering"], cards["steered:nf4"]["adapter"]) == ("described", False)
         reply = client.chat.completions.create(model="steered:nf4", messages=[{"role": "user", "content": "Hi"}],
                                                max_tokens=4, temperature=0, extra_body={"attributes": {"verbosity": 4}})
         assert reply.usage.completion_tokens >= 1
+
+    built = quantized_steered_path(cache, "nf4", shipped)
+    manifest = read_manifest(built)
+    assert (manifest["name"], manifest["precision"], manifest["settings"]["rounding"]) == (
+        "steered", "nf4", "gptq-act-order")  # quantize's defaults, not default:nf4's pinned column order
+    assert manifest["source"]["merged_from"] == str(shipped / "acsft")
+    assert cards["steered:nf4"]["root"] == str(built)
+    stamp = (built / "manifest.json").stat().st_mtime_ns
+    assert quantized_steered_dir(cache, "nf4", shipped) == built
+    assert (built / "manifest.json").stat().st_mtime_ns == stamp  # built once
+    assert [s.path for s in default_model_specs(shipped, cache_dir=cache)] == [
+        "default", str(built), str(shipped / "acsft")]
+    # A retrained adapter is another source: it builds elsewhere, and the old build is not served for it
+    make_adapter(converted, shipped / "acsft", seed=2, rank=4, manifest=adapter_manifest)
+    assert quantized_steered_path(cache, "nf4", shipped) != built
+    assert str(built) not in [s.path for s in default_model_specs(shipped, cache_dir=cache)]

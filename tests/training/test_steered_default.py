@@ -59,7 +59,8 @@ def test_an_adapter_trained_on_nf4_is_served_on_the_nf4_default_model(tmp_path: 
         (str(shipped / "acsft"), None, "smollm2-135m-instruct:bf16"),
         (str(shipped / "acsft-nf4"), None, "smollm2-135m-instruct:nf4"),
     ]
-    assert json.loads((shipped / "acsft-nf4" / "manifest.json").read_text())["name"] == "steered"  # steered:nf4
+    # steered:nf4 is the float adapter merged and quantized; the QLoRA adapter has an id of its own
+    assert json.loads((shipped / "acsft-nf4" / "manifest.json").read_text())["name"] == "steered-qlora"
 
 
 def test_a_run_trained_on_another_lora_run_ships_as_one_stacked_adapter(tiny_model_dir: Path, tmp_path: Path) -> None:
