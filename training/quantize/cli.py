@@ -22,11 +22,11 @@ from typing import Any
 
 from steerserve.default_model import CACHE_DIR
 from steerserve.precision import Precision
+from steerserve.training.quantize.methods import Rounding
 
 logger = logging.getLogger(__name__)
 
 EXIT_UNAVAILABLE = 3
-ROUNDINGS = ("gptq", "gptq-act-order", "nearest")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "the checkpoint is served: chat template, steering, sliders spread) or mmlu-dev")
     parser.add_argument("--calibration-samples", type=int, default=128)
     parser.add_argument("--calibration-max-tokens", type=int, default=512, help="tokens kept per calibration text")
-    parser.add_argument("--rounding", choices=ROUNDINGS,
+    parser.add_argument("--rounding", choices=[rounding.value for rounding in Rounding],
                         help="nf4 only: how each weight's 4-bit code is chosen: gptq-act-order (default; error "
                              "feedback on the calibration set, columns with the largest inputs first; same nf4 "
                              "format), gptq (the same in column order) or nearest (bitsandbytes' own rounding)")
@@ -155,7 +155,7 @@ def run(args: argparse.Namespace) -> Path:
     eval_set = build_eval_set(source, quality_config)
     source_quality = measure_source(source, Precision(info["precision"]), eval_set, args.cache_dir)
     logger.info("source quality: %s", source_quality)
-    rounding = {"rounding": args.rounding} if args.rounding else {}  # else QuantizeJob's default
+    rounding = {"rounding": Rounding(args.rounding)} if args.rounding else {}  # else QuantizeJob's default
     job = QuantizeJob(source, args.precision, args.calibration, args.calibration_samples,
                       args.calibration_max_tokens, eval_set=None if args.scorer else eval_set, **rounding)
     started = time.monotonic()

@@ -10,6 +10,7 @@ A method that cannot run here raises :class:`Unavailable` with a one-line reason
 from __future__ import annotations
 
 import dataclasses
+import enum
 import importlib
 import importlib.util
 import shutil
@@ -39,6 +40,25 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json")
 
 
+class Rounding(str, enum.Enum):
+    """How nf4 chooses each weight's 4-bit code (``--rounding``; nf4_rounding says why GPTQ)."""
+
+    GPTQ_ACT_ORDER = "gptq-act-order"
+    """Error feedback on the calibration set, the columns with the largest inputs first (the default)."""
+    GPTQ = "gptq"
+    """The same in column order (what ``default:nf4`` and its QLoRA adapter keep)."""
+    NEAREST = "nearest"
+    """bitsandbytes' own: each weight to its nearest code, no calibration."""
+
+    @property
+    def uses_gptq(self) -> bool:
+        return self is not Rounding.NEAREST
+
+    @property
+    def act_order(self) -> bool:
+        return self is Rounding.GPTQ_ACT_ORDER
+
+
 class Unavailable(RuntimeError):
     """This precision cannot be produced on this machine; the message says why in one line."""
 
@@ -55,9 +75,8 @@ class QuantizeJob:
     calibration_samples: int = 128
     calibration_max_tokens: int = 512
     seed: int = 0
-    rounding: str = "gptq-act-order"
-    """nf4 only: ``gptq-act-order`` (codes chosen by error feedback on the calibration set, columns with the
-    largest inputs first), ``gptq`` (the same in column order) or ``nearest`` (bitsandbytes')."""
+    rounding: Rounding = Rounding.GPTQ_ACT_ORDER
+    """nf4 only: how each weight's code is chosen."""
     eval_set: dict[str, Any] | None = None
     """quality.build_eval_set output: a method that holds the quantized model anyway may score it."""
 
