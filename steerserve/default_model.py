@@ -113,6 +113,32 @@ def quantized_default_path(cache_dir: Path, precision: str) -> Path:
     return Path(cache_dir).expanduser() / DEFAULT_MODEL_NAME / precision
 
 
+def checked_precision(label: str, precision: str, offered: tuple[str, ...] | None = None) -> str:
+    """``precision`` when it is one of ``offered`` (every precision by default); else a ValueError that names
+    ``label:precision`` and lists the choices, so a model option's typo is refused before anything is built."""
+    from steerserve.precision import Precision
+
+    choices = offered if offered is not None else tuple(p.value for p in Precision)
+    if precision not in choices:
+        raise ValueError(f"{label}:{precision}: unknown precision; one of {', '.join(choices)}")
+    return precision
+
+
+def quantize_once(source: str, precision: str, output: Path, cache_dir: Path, *pinned: str) -> Path:
+    """``steerserve quantize source --precision precision`` into ``output``, unless a finished build (its
+    manifest.json) is already there. The builds the model options name are scored on a short evaluation
+    (8000 characters, one MCQ per subject): enough for the manifest's quality line, quick on 2 cores."""
+    from steerserve.training.quantize.cli import build_parser, run
+
+    if (output / "manifest.json").is_file():
+        return output
+    logger.info("quantizing %s to %s at %s (once)", source, precision, output)
+    args = build_parser().parse_args([source, "--precision", precision, "--output", str(output),
+                                      "--cache-dir", str(cache_dir), "--eval-chars", "8000", "--mcq-per-subject", "1",
+                                      *pinned])
+    return run(args)
+
+
 def quantized_default_dir(cache_dir: Path, precision: str) -> Path:
     """The default model quantized by ``steerserve quantize`` with its default settings, quantizing on first use.
 
@@ -120,23 +146,11 @@ def quantized_default_dir(cache_dir: Path, precision: str) -> Path:
     ``../shared/data``), then instant. The build is deterministic: rebuilt here, it held the very tensors of the
     checkpoint the shipped QLoRA adapter (``steered-qlora:nf4``) trained on.
     """
-    from steerserve.precision import Precision
-    from steerserve.training.quantize.cli import build_parser, run
-
-    if precision not in {p.value for p in Precision}:
-        known = ", ".join(p.value for p in Precision)
-        raise ValueError(f"{DEFAULT_MODEL}:{precision}: unknown precision; one of {known}")
-    output = quantized_default_path(cache_dir, precision)
-    if (output / "manifest.json").is_file():
-        return output
-    logger.info("quantizing the default model to %s at %s (once)", precision, output)
+    checked_precision(DEFAULT_MODEL, precision)
     # nf4 keeps the rounding the shipped QLoRA adapter was trained on (GPTQ in column order): that adapter
     # learned around those very codes, and quantize's newer default (act order) would choose others.
     pinned = ["--rounding", NF4_ROUNDING] if precision == "nf4" else []
-    args = build_parser().parse_args([DEFAULT_MODEL, "--precision", precision, "--output", str(output),
-                                      "--cache-dir", str(cache_dir), "--eval-chars", "8000", "--mcq-per-subject", "1",
-                                      *pinned])
-    return run(args)
+    return quantize_once(DEFAULT_MODEL, precision, quantized_default_path(cache_dir, precision), cache_dir, *pinned)
 
 
 def resolve_default(text: str, cache_dir: Path) -> Path | None:

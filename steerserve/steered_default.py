@@ -162,23 +162,15 @@ def quantized_steered_dir(cache_dir: Path, precision: str, shipped: Path | None 
     defaults, quantizing on first use (nf4: about 4.5 minutes on 2 cores, calibrated on oasst1 in
     ``../shared/data``), then instant. Its manifest names it ``steered``, so it is served as
     ``steered:<precision>``."""
+    from steerserve.default_model import checked_precision, quantize_once
     from steerserve.precision import Precision
-    from steerserve.training.quantize.cli import build_parser, run
 
     if precision == Precision.BF16.value:
         raise ValueError(f"{STEERED_ID}:bf16 is the shipped adapter on the default model, served as is: "
                          f"--model {SHIPPED_DIR / STEERED_RUN},base=smollm2-135m-instruct:bf16")
-    if precision not in {p.value for p in Precision}:
-        known = ", ".join(p.value for p in Precision if p != Precision.BF16)
-        raise ValueError(f"{STEERED_ID}:{precision}: unknown precision; one of {known}")
+    checked_precision(STEERED_ID, precision, tuple(p.value for p in Precision if p != Precision.BF16))
     output = quantized_steered_path(cache_dir, precision, shipped)
-    if (output / "manifest.json").is_file():
-        return output
-    adapter = (shipped or SHIPPED_DIR) / STEERED_RUN
-    logger.info("merging %s into the default model and quantizing it to %s at %s (once)", adapter, precision, output)
-    args = build_parser().parse_args([str(adapter), "--precision", precision, "--output", str(output),
-                                      "--cache-dir", str(cache_dir), "--eval-chars", "8000", "--mcq-per-subject", "1"])
-    return run(args)
+    return quantize_once(str((shipped or SHIPPED_DIR) / STEERED_RUN), precision, output, cache_dir)
 
 
 def resolve_steered(text: str, cache_dir: Path) -> Path | None:
