@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from steerserve.attributes import resolve_attributes
+from steerserve.nf4_correction import CORRECTION_FILE, has_correction
 from steerserve.precision import NEEDS_CPU_AVX512, NEEDS_CUDA, SERVING_ENGINES, Precision
 from steerserve.prompts import SteeringMethod, render_chat, stop_strings
 from steerserve.reading_level import ReadingLevelGuide, guide_for
@@ -115,10 +116,14 @@ def _unavailable_here(precision: Precision, engine: str) -> str | None:
     return precision_unavailable(precision, detect_platform())
 
 
-def _pick_engine(precision: Precision, requested: str | None, default: str) -> str:
-    able = SERVING_ENGINES[precision]
+def _pick_engine(precision: Precision, requested: str | None, default: str, corrected: bool = False) -> str:
+    """The engine for this precision here: the requested one if it can, else ``default`` or the first able one.
+    A ``corrected`` checkpoint (an nf4 error correction beside its weights) needs the transformers engine, the one
+    that adds the correction: vLLM's bitsandbytes loader would serve the 4-bit weights without it."""
+    able = ("transformers",) if corrected else SERVING_ENGINES[precision]
     if requested and requested not in able:
-        raise ValueError(f"precision {precision.value} cannot be served by engine {requested!r} (only {able})")
+        why = f" ({CORRECTION_FILE} beside the weights: only the transformers engine adds it)" if corrected else ""
+        raise ValueError(f"precision {precision.value} cannot be served by engine {requested!r} (only {able}){why}")
     reasons = {engine: reason for engine in able if (reason := _unavailable_here(precision, engine))}
     if requested in reasons:
         raise ValueError(f"precision {precision.value} on engine {requested!r}: {reasons[requested]}")
@@ -146,7 +151,7 @@ def build_variant(spec: VariantSpec, settings: ServerSettings, path: Path, adapt
     unmerged on the weights (EngineConfig.adapter)."""
     manifest = read_manifest(path)
     precision = Precision(spec.precision or manifest.get("precision") or Precision.BF16.value)
-    engine_name = _pick_engine(precision, spec.engine, settings.engine)
+    engine_name = _pick_engine(precision, spec.engine, settings.engine, has_correction(path))
     name = spec.name or manifest.get("name") or path.name
     steering = spec.steering or manifest.get("steering")
     max_len = spec.max_model_len or settings.max_model_len

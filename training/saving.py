@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from steerserve.nf4_correction import merge_into_dequantized
 from steerserve.training import distributed
 from steerserve.training.runner import load_causal_lm
 
@@ -60,6 +61,7 @@ def dequantized(model: Any, dtype: str = "float32") -> Any:
     """The bitsandbytes model's weights in ``dtype``, saved as the plain float checkpoint they now are (a base
     read from an nf4 checkpoint on disk remembers how it was read, which ``save_pretrained`` cannot reverse).
 
+    An nf4 error correction loaded with the model (``steerserve.nf4_correction``) is added to the float weights.
     Each 4-bit code times its block's scale is computed in ``dtype`` itself, as a float32 engine computes it:
     left alone, bitsandbytes rounds the product through the dtype the weights were quantized from (bf16) first.
     """
@@ -75,6 +77,7 @@ def dequantized(model: Any, dtype: str = "float32") -> Any:
         if state is not None:
             state.dtype = target
     model = model.dequantize(dtype=target)
+    merge_into_dequantized(model)  # an nf4 error correction the engine added unmerged: now part of the weights
     model._weight_conversions = None
     return model
 

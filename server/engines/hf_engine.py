@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from steerserve.nf4_correction import attach as attach_correction
 from steerserve.precision import Precision, compute_dtype_here
 from steerserve.server.engines.base import EngineConfig, EngineError, EngineRequest, GenerationDelta, InvalidRequest
 from steerserve.server.engines.hf_scheduler import (
@@ -79,7 +80,8 @@ def load_model(path: str, config: EngineConfig, compute_dtype: str | None = None
     A saved nf4 checkpoint brings its own ``bnb_4bit_compute_dtype`` (the quantizing machine's), and
     transformers keeps the saved quantization config over the one passed in; the 4-bit layers are set
     to this machine's compute dtype after loading (float32 on a CPU without native bf16), and in float32
-    they stay off bitsandbytes' bf16-only repacked kernel. ``config.adapter``
+    they stay off bitsandbytes' bf16-only repacked kernel; an nf4 error correction saved beside the weights
+    (``steerserve.nf4_correction``) is added to the layers' outputs. ``config.adapter``
     is injected unmerged (transformers' PEFT integration) and stays active.
     """
     from transformers import AutoModelForCausalLM
@@ -101,6 +103,7 @@ def load_model(path: str, config: EngineConfig, compute_dtype: str | None = None
                 # the twin's reference, an explicit compute dtype) keeps the stored codes and scales as they are.
                 if dtype == torch.float32:
                     module.support_avx512bf16_for_cpu = False
+        attach_correction(model, path)  # a low-rank correction of the rounding error stored beside, if any
     if config.adapter:
         if importlib.util.find_spec("peft") is None:  # transformers would say so with a ValueError
             raise EngineError(f"the adapter {config.adapter} needs peft: pip install -e '.[train]'")

@@ -3,7 +3,8 @@
     steerserve quantize default --precision fp16 --output runs/smollm2-fp16
 
 From an int8 or nf4 (bitsandbytes) checkpoint the same command writes its float twin: the packed weights
-dequantized, nothing else changed, so a benchmark can sweep what the quantized model says on vLLM's float path:
+dequantized (an nf4 error correction stored beside them merged in), nothing else changed, so a benchmark
+can sweep what the quantized model says on vLLM's float path:
 
     steerserve quantize runs/steered-default/q/nf4 --precision fp32 --output runs/steered-default/q/nf4-twin
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from steerserve.nf4_correction import attach as attach_correction
 from steerserve.precision import BITSANDBYTES_PRECISIONS, Precision
 from steerserve.training.quantize.methods import MethodResult, QuantizeJob, copy_tokenizer, versions
 
@@ -31,6 +33,8 @@ def quantize(job: QuantizeJob, work: Path) -> MethodResult:
 
         # Loaded as saved (its quantization_config), then every packed weight replaced by its float value.
         model = AutoModelForCausalLM.from_pretrained(str(job.source), device_map="cpu", dtype=dtype)
+        if corrected := attach_correction(model, job.source):
+            settings["low_rank_correction_merged"] = str(corrected) + " layers"
         model = dequantized(model, dtype)
         method, libraries = f"{held.value} weights dequantized to {dtype}", ("torch", "transformers", "bitsandbytes")
         settings["dequantized_from"] = held.value

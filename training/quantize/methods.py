@@ -77,6 +77,8 @@ class QuantizeJob:
     seed: int = 0
     rounding: Rounding = Rounding.GPTQ_ACT_ORDER
     """nf4 only: how each weight's code is chosen."""
+    low_rank_correction: int = 0
+    """nf4 only: rank of the per-layer correction of the rounding error kept beside the weights (0: none)."""
     eval_set: dict[str, Any] | None = None
     """quality.build_eval_set output: a method that holds the quantized model anyway may score it."""
 

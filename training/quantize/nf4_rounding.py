@@ -18,6 +18,7 @@ back most of its verbosity slider (``benchmarks/results/nf4-act-order/``).
     hessians = input_hessians(float_model, names, token_batches)  # {linear name: [in, in]}
     indices, absmax = gptq_nf4(weight, hessians[name], codebook, act_order=True)
     write_nf4(linear4bit_module, indices, absmax)                # replaces the nearest-code bytes in place
+    up, down = low_rank_correction(weight - dequantize(indices, absmax, codebook), hessians[name], rank=16)
 """
 
 from __future__ import annotations
@@ -108,6 +109,36 @@ def gptq_nf4(weight: torch.Tensor, hessian: torch.Tensor, codebook: torch.Tensor
     indices = torch.empty_like(ordered)
     indices[:, order] = ordered
     return indices, scales.reshape(-1)
+
+
+@torch.no_grad()
+def low_rank_correction(error: torch.Tensor, hessian: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``up`` [out, r] and ``down`` [r, in] whose product C minimises E‖(error − C)·x‖² over the calibration inputs
+    x (``hessian`` = E[x xᵀ]): the truncated SVD of ``error`` in the eigenbasis of the inputs, mapped back.
+
+    With H = V Λ Vᵀ and S = V Λ^½, E‖(E − C)x‖² = ‖(E − C) S‖²_F, so the best rank-r C is [E S]_r S⁻¹. Directions
+    the calibration never excites (tiny eigenvalues) cost nothing and get nothing: the product [E S]_r S⁻¹ stays
+    bounded there. ``rank`` above the layer's smaller side is that side (the exact error).
+    """
+    h = hessian.double()
+    h = h + 1e-6 * h.diagonal().mean().clamp_min(1e-12) * torch.eye(h.shape[0], dtype=h.dtype)
+    eigenvalues, vectors = torch.linalg.eigh(h)
+    eigenvalues = eigenvalues.clamp_min(1e-8 * eigenvalues.max())
+    whiten, unwhiten = vectors * eigenvalues.sqrt(), (vectors * eigenvalues.rsqrt()).T
+    left, singular, right = torch.linalg.svd(error.double() @ whiten, full_matrices=False)
+    rank = min(rank, singular.numel())
+    return (left[:, :rank] * singular[:rank]).float(), (right[:rank] @ unwhiten).float()
+
+
+def read_nf4(module: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The indices ([out, in], uint8) and float32 scales a loaded ``bitsandbytes.nn.Linear4bit`` holds: the inverse
+    of ``write_nf4``, for layers whose codes bitsandbytes chose itself (nearest rounding)."""
+    state = module.weight.quant_state
+    if state.nested or getattr(state, "packing_format_for_cpu", False):
+        raise ValueError("nf4 with nested scales or repacked for a CPU kernel: not bitsandbytes' stored layout")
+    packed = module.weight.data.reshape(-1)
+    indices = torch.stack([packed >> 4, packed & 0x0F], dim=1).reshape(tuple(state.shape))
+    return indices, state.absmax.float()
 
 
 def dequantize(indices: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
