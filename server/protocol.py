@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from steerserve.attributes import ATTRIBUTE_NAMES, validate_attributes
+from steerserve.attributes import ATTRIBUTE_NAMES, InvalidAttribute, validate_attributes
 
 
 def _check_attributes(value: dict[str, Any] | None) -> dict[str, int] | None:
@@ -31,6 +31,24 @@ def random_id(prefix: str) -> str:
 class _Request(BaseModel):
     # Unknown fields are ignored, as OpenAI-compatible servers do, so newer SDKs keep working.
     model_config = ConfigDict(extra="ignore")
+
+
+class _SteeredRequest(_Request):
+    """A request that takes sliders: they go in ``attributes``, and one sent beside the other fields is refused.
+
+    Ignored with the other unknown fields, ``"verbosity": 4`` (or OpenAI's own ``verbosity: "low"``) would give an
+    unsteered answer with no sign of it; refused, the caller learns where the slider goes.
+    """
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sliders_in_attributes(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name in ATTRIBUTE_NAMES:
+                if name in data:
+                    raise InvalidAttribute(f'{name}: sliders go in "attributes", 0-4 each: '
+                                           f'{{"attributes": {{"{name}": 4}}}} (openai SDK: extra_body={{"attributes": {{...}}}})', name)
+        return data
 
 
 class StreamOptions(_Request):
@@ -54,7 +72,7 @@ class ChatMessage(_Request):
         return self.content or ""
 
 
-class _SamplingFields(_Request):
+class _SamplingFields(_SteeredRequest):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
@@ -276,7 +294,7 @@ class MCQItem(_Request):
         return value
 
 
-class MCQRequest(_Request):
+class MCQRequest(_SteeredRequest):
     model: str
     question: str | None = Field(default=None, min_length=1)
     choices: list[str] | None = Field(default=None, min_length=2, max_length=10)
@@ -322,7 +340,7 @@ class MCQResponse(BaseModel):
 # ---- steerserve extensions: render ------------------------------------------
 
 
-class RenderRequest(_Request):
+class RenderRequest(_SteeredRequest):
     model: str
     messages: list[ChatMessage] | None = None
     prompt: str | None = None

@@ -294,6 +294,11 @@ BAD_REQUESTS = [
     ("/v1/mcq", {"model": CHAT, "items": [{"question": "q", "choices": ["a", ""]}]}, 400, "items.0.choices"),
     ("/v1/mcq", {"model": CHAT, "question": "q", "choices": ["a", "b"], "attributes": {"complexity": 7}}, 400, "attributes.complexity"),
     ("/v1/render", {"model": CHAT}, 400, None),
+    ("/v1/chat/completions", {"model": CHAT, "messages": HELLO, "verbosity": 4}, 400, "verbosity"),
+    ("/v1/chat/completions", {"model": CHAT, "messages": HELLO, "verbosity": "low"}, 400, "verbosity"),
+    ("/v1/completions", {"model": CHAT, "prompt": "x", "complexity": 0}, 400, "complexity"),
+    ("/v1/mcq", {"model": CHAT, "question": "q", "choices": ["a", "b"], "helpfulness": 4}, 400, "helpfulness"),
+    ("/v1/render", {"model": CHAT, "prompt": "x", "humor": 1}, 400, "humor"),
 ]
 
 
@@ -321,6 +326,8 @@ def test_openai_sdk_raises_typed_errors(client) -> None:
         client.chat.completions.create(model="missing", messages=HELLO)
     with pytest.raises(openai.BadRequestError, match="verbosity"):
         client.chat.completions.create(model=CHAT, messages=HELLO, extra_body={"attributes": {"verbosity": 9}})
+    with pytest.raises(openai.BadRequestError, match='verbosity: sliders go in "attributes"'):
+        client.chat.completions.create(model=CHAT, messages=HELLO, extra_body={"verbosity": 4})
 
 
 def test_errors_are_counted_per_model(server) -> None:
