@@ -46,8 +46,9 @@ class _SteeredRequest(_Request):
         if isinstance(data, dict):
             for name in ATTRIBUTE_NAMES:
                 if name in data:
-                    raise InvalidAttribute(f'{name}: sliders go in "attributes", 0-4 each: '
-                                           f'{{"attributes": {{"{name}": 4}}}} (openai SDK: extra_body={{"attributes": {{...}}}})', name)
+                    example = f'{{"attributes": {{"{name}": 4}}}}'
+                    raise InvalidAttribute(f'{name}: sliders go in "attributes", 0-4 each: {example} '
+                                           f'(openai SDK: extra_body={example})', name)
         return data
 
 

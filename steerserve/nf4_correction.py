@@ -6,7 +6,7 @@ actually sees. ``steerserve quantize CKPT --precision nf4 --low-rank-correction 
 rank-R product ``up @ down`` (out×R, R×in) that cancels most of that on the calibration inputs
 (``nf4_rounding.low_rank_correction``), in ``nf4_error_correction.safetensors`` next to the 4-bit weights. Rank 16
 on the default model is about 10 MB (the nf4 weights are ~110 MB) and took the steered default's nf4 perplexity
-ratio from 1.096 to 1.077 (``benchmarks/results/steered-default-precisions-avx512/``).
+ratio from 1.096 to 1.075 (``benchmarks/results/steered-default-precisions-avx512/``).
 
 Whoever loads an nf4 checkpoint through ``hf_engine.load_model`` (the transformers engine, quantize's quality
 scoring, QLoRA training on it) gets the correction *unmerged*: each 4-bit layer's output gains ``up @ (down @ x)``,
