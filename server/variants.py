@@ -151,7 +151,8 @@ def build_variant(spec: VariantSpec, settings: ServerSettings, path: Path, adapt
     unmerged on the weights (EngineConfig.adapter)."""
     manifest = read_manifest(path)
     precision = Precision(spec.precision or manifest.get("precision") or Precision.BF16.value)
-    engine_name = _pick_engine(precision, spec.engine, settings.engine, has_correction(path))
+    corrected = precision is Precision.NF4 and has_correction(path)  # load_model adds it to nf4 only
+    engine_name = _pick_engine(precision, spec.engine, settings.engine, corrected)
     name = spec.name or manifest.get("name") or path.name
     steering = spec.steering or manifest.get("steering")
     max_len = spec.max_model_len or settings.max_model_len

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from steerserve.precision import Precision
 from steerserve.training.quantize.calibration import calibration_texts
-from steerserve.training.quantize.nf4_rounding import input_hessians
+from steerserve.training.quantize.nf4_rounding import input_hessians, low_rank_correction
 from steerserve.training.quantize.quality import QualityConfig, build_eval_set, measure
 
 source, twin, out = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
@@ -35,14 +35,10 @@ H = input_hessians(W, names, batches)
 print("hessians", round(time.time() - t0), "s", flush=True)
 Q = AutoModelForCausalLM.from_pretrained(twin, dtype=torch.float32).eval()
 factors = {}
-for n in names:
-    h = H[n].double()
-    lam, V = torch.linalg.eigh(h + 1e-6 * h.diagonal().mean() * torch.eye(h.shape[0], dtype=h.dtype))
-    lam = lam.clamp_min(1e-8 * lam.max())
-    S, Sinv = V * lam.sqrt(), (V * lam.rsqrt()).T  # S = V diag(sqrt lam); Sinv = diag(1/sqrt lam) V^T
+for n in names:  # the fit `steerserve quantize --low-rank-correction` ships; a lower rank's factors are a prefix
     R = (W.get_submodule(n).weight.double() - Q.get_submodule(n).weight.double())
-    U, sig, Vt = torch.linalg.svd(R @ S, full_matrices=False)
-    factors[n] = (U, sig, Vt @ Sinv, (R @ S).norm().item())
+    up, down = low_rank_correction(R, H[n], max(ranks))
+    factors[n] = (up, down, (R @ H[n].double() * R).sum().sqrt().item())  # E|Rx|^2 = tr(R H R^T)
 print("svd done", round(time.time() - t0), "s", flush=True)
 eval_set = build_eval_set(source, QualityConfig(text_chars=8000, mcq_per_subject=1))
 for r in ranks:
@@ -50,9 +46,9 @@ for r in ranks:
     shutil.copytree(twin, dst, dirs_exist_ok=True)
     model = AutoModelForCausalLM.from_pretrained(twin, dtype=torch.float32).eval()
     kept = []
-    for n, (U, sig, B, total) in factors.items():
-        model.get_submodule(n).weight.add_(((U[:, :r] * sig[:r]) @ B[:r]).float())
-        kept.append((sig[:r] ** 2).sum().item() / total ** 2)
+    for n, (up, down, total) in factors.items():
+        model.get_submodule(n).weight.add_(up[:, :r] @ down[:r])
+        kept.append((up[:, :r].norm(dim=0) ** 2).sum().item() / total ** 2)
     model.save_pretrained(dst)
     m = json.loads((twin / "manifest.json").read_text())
     m["name"] = f"{m['name']}-eora{r}"
