@@ -129,6 +129,10 @@ def _source_info(source: Path) -> dict[str, Any]:
             **({"merged_from": manifest["merged_from"]} if manifest.get("merged_from") else {})}
 
 
+# Options that shape how nf4's 4-bit codes are chosen or corrected; any other precision refuses them by name.
+NF4_ONLY_OPTIONS = {"rounding": "--rounding", "low_rank_correction": "--low-rank-correction"}
+
+
 def run(args: argparse.Namespace) -> Path:
     """Quantize, measure, and commit the output directory; returns it."""
     from steerserve.training.manifest import git_commit
@@ -138,10 +142,9 @@ def run(args: argparse.Namespace) -> Path:
     )
     from steerserve.training.quantize.quality import QualityConfig, build_eval_set, measure_source, summarise, SCORERS
 
-    if args.rounding and args.precision is not Precision.NF4:
-        raise ValueError(f"--rounding applies to nf4 only, not {args.precision.value}")
-    if args.low_rank_correction and args.precision is not Precision.NF4:
-        raise ValueError(f"--low-rank-correction applies to nf4 only, not {args.precision.value}")
+    for attribute, flag in NF4_ONLY_OPTIONS.items():
+        if getattr(args, attribute) and args.precision is not Precision.NF4:
+            raise ValueError(f"{flag} applies to nf4 only, not {args.precision.value}")
     if args.low_rank_correction < 0:
         raise ValueError(f"--low-rank-correction must be a rank of 1 or more (0: none), not {args.low_rank_correction}")
     source = resolve_source(args.source, args.cache_dir, args.precision)
