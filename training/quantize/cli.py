@@ -129,8 +129,9 @@ def _source_info(source: Path) -> dict[str, Any]:
             **({"merged_from": manifest["merged_from"]} if manifest.get("merged_from") else {})}
 
 
-# Options that shape how nf4's 4-bit codes are chosen or corrected; any other precision refuses them by name.
-NF4_ONLY_OPTIONS = {"rounding": "--rounding", "low_rank_correction": "--low-rank-correction"}
+# Options (argparse dests) that shape how nf4's 4-bit codes are chosen or corrected; any other precision refuses
+# them by their flag.
+NF4_ONLY_OPTIONS = ("rounding", "low_rank_correction")
 
 
 def run(args: argparse.Namespace) -> Path:
@@ -142,9 +143,9 @@ def run(args: argparse.Namespace) -> Path:
     )
     from steerserve.training.quantize.quality import QualityConfig, build_eval_set, measure_source, summarise, SCORERS
 
-    for attribute, flag in NF4_ONLY_OPTIONS.items():
-        if getattr(args, attribute) and args.precision is not Precision.NF4:
-            raise ValueError(f"{flag} applies to nf4 only, not {args.precision.value}")
+    for dest in NF4_ONLY_OPTIONS:
+        if getattr(args, dest) and args.precision is not Precision.NF4:
+            raise ValueError(f"--{dest.replace('_', '-')} applies to nf4 only, not {args.precision.value}")
     if args.low_rank_correction < 0:
         raise ValueError(f"--low-rank-correction must be a rank of 1 or more (0: none), not {args.low_rank_correction}")
     source = resolve_source(args.source, args.cache_dir, args.precision)

@@ -4,9 +4,8 @@
 """
 import statistics
 import sys
-from pathlib import Path
 
-from steerserve.default_model import default_model_dir
+from steerserve.default_model import CACHE_DIR, default_model_dir
 from steerserve.prompts import SteeringMethod
 from steerserve.training.acsft import conditioned_example
 from steerserve.training.data.attribute_rows import load_attribute_rows, levels
@@ -14,7 +13,7 @@ from steerserve.training.runner import load_tokenizer
 
 source = sys.argv[1]
 rows, report = load_attribute_rows(source, "helpsteer")
-tok = load_tokenizer(str(default_model_dir(Path.home() / ".cache/steerserve")))
+tok = load_tokenizer(str(default_model_dir(CACHE_DIR)))
 by = {}
 for row in rows:
     ex = conditioned_example(row, SteeringMethod.DESCRIBED, tok)
