@@ -27,6 +27,13 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def trains_on_cpu() -> bool:
+    """Whether the trainer will run on CPU: ``ACCELERATE_USE_CPU`` (``accelerate launch --cpu``) or no CUDA."""
+    import torch
+
+    return os.environ.get("ACCELERATE_USE_CPU", "false").lower() == "true" or not torch.cuda.is_available()
+
+
 def is_main_process() -> bool:
     """True on global rank 0, and always in a single process."""
     return int(os.environ.get("RANK", "0")) == 0
@@ -55,8 +62,6 @@ def _state() -> PartialState:
     base model and check the output before the others load or touch them. The Trainer reuses
     the group; ``ACCELERATE_USE_CPU`` (``accelerate launch --cpu``) or no CUDA means gloo on CPU.
     """
-    import torch
     from accelerate import PartialState  # imported here: only a launcher's several processes need it
 
-    cpu = os.environ.get("ACCELERATE_USE_CPU", "false").lower() == "true" or not torch.cuda.is_available()
-    return PartialState(cpu=cpu)
+    return PartialState(cpu=trains_on_cpu())

@@ -200,8 +200,6 @@ def examples(train_rows: list[dict], test_rows: list[dict], build: Callable[[dic
 
 def trainer_arguments(config: BaseConfig, run_dir: RunDir) -> dict[str, Any]:
     """TrainingArguments fields every recipe sets the same way (checkpoints under the work dir)."""
-    import torch
-
     return {
         "output_dir": str(run_dir.checkpoints),
         "max_steps": config.max_steps,
@@ -220,7 +218,7 @@ def trainer_arguments(config: BaseConfig, run_dir: RunDir) -> dict[str, Any]:
         "seed": config.seed,
         "report_to": [],
         "bf16": False,
-        "use_cpu": not torch.cuda.is_available(),
+        "use_cpu": distributed.trains_on_cpu(),
         "disable_tqdm": False,
         "dataloader_num_workers": 0,
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -108,6 +109,9 @@ def test_cli_run_then_refuse_then_force(tmp_path: Path, tiny_model_dir: Path, mc
     assert main(argv) == 0
     manifest = read_manifest(out)
     assert not is_complete(manifest) and manifest["steps"] == 1 and manifest["hyperparameters"]["limit"] == 8
+    # tests run without CUDA: the manifest says the run trained on this CPU, whose cores it counts
+    assert manifest["hardware"]["device"] == "cpu" and manifest["hardware"]["cores"] == os.cpu_count()
+    assert manifest["hardware"]["name"] and manifest["hardware"]["processes"] == 1
     assert not list(tmp_path.glob(".sft*")), "no temp dirs left behind"
     assert main(argv) == 1 and read_manifest(out)["created"] == manifest["created"]  # refused, untouched
     assert main([*argv, "--force"]) == 0 and read_manifest(out)["steps"] == 1
