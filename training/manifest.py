@@ -72,8 +72,8 @@ def _cpu_name() -> str:
 
 
 def hardware() -> dict[str, Any]:
-    """Where the run trained. Its times (``train_runtime_s``) mean nothing without it: one DPO epoch of the
-    default model is 4 minutes on a GPU and 6.5 hours on 2 CPU cores."""
+    """Where a training or quantize run ran. Its times (``train_runtime_s``, ``quantize_seconds``) mean nothing
+    without it: one DPO epoch of the default model is 4 minutes on a GPU and 6.5 hours on 2 CPU cores."""
     import torch
 
     from steerserve.precision import cpu_has_native_bf16

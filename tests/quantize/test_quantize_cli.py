@@ -17,7 +17,7 @@ from quant_helpers import quantize
 from steerserve.training.quantize.methods import dir_bytes
 
 MANIFEST_KEYS = ("name", "precision", "steering", "source", "method", "libraries", "calibration", "bytes",
-                 "quality", "versions", "created")
+                 "quality", "versions", "hardware", "created")
 
 
 def test_manifests_are_complete(transformers_variants: dict[str, Path], tiny_source: Path) -> None:
@@ -28,6 +28,7 @@ def test_manifests_are_complete(transformers_variants: dict[str, Path], tiny_sou
         assert manifest["steering"] == "instructions" and manifest["source"]["path"] == str(tiny_source)
         assert manifest["bytes"] == dir_bytes(path) > 0
         assert manifest["libraries"]["torch"] and manifest["method"]
+        assert manifest["hardware"]["device"] == "cpu" and manifest["hardware"]["cores"] > 0  # where it ran
         for side in ("variant", "source"):
             quality = manifest["quality"][side]
             assert quality["perplexity"] > 1 and quality["perplexity_tokens"] > 10

@@ -4,8 +4,8 @@
 
 Writes DIR atomically (never over a finished output without ``--force``) with the
 variant's weights, the source's tokenizer, and ``manifest.json``: source, precision,
-method and library versions, calibration data, ``bytes`` on disk, and quality
-measured against the 16-bit source. A precision this machine cannot produce is
+method and library versions, calibration data, ``bytes`` on disk, the hardware it ran on,
+and quality measured against the 16-bit source. A precision this machine cannot produce is
 refused in one line (exit 3).
 """
 
@@ -136,7 +136,7 @@ NF4_ONLY_OPTIONS = ("rounding", "low_rank_correction")
 
 def run(args: argparse.Namespace) -> Path:
     """Quantize, measure, and commit the output directory; returns it."""
-    from steerserve.training.manifest import git_commit
+    from steerserve.training.manifest import git_commit, hardware
     from steerserve.training.output import RunDir
     from steerserve.training.quantize.methods import (
         QuantizeJob, check_available, dir_bytes, load_quantizer, versions,
@@ -192,7 +192,7 @@ def run(args: argparse.Namespace) -> Path:
         "quality": {"variant": quality, "source": source_quality, "scored_with": scorer,
                     **_deltas(quality, source_quality), "data": eval_set["description"]},
         "quantize_seconds": round(seconds, 1), "notes": result.notes, "git_commit": git_commit(),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "hardware": hardware(), "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": versions("steerserve", "torch", "transformers", *result.libraries),
     }
     return run_dir.commit(manifest)
