@@ -41,6 +41,12 @@ class DPORecipeConfig(BaseConfig, LoraFields):
     learning_rate: float = option(1e-6, "Peak learning rate (linear decay).")
     steering: str = option("auto", "Prompt format trained and served: auto (instructions with a chat template, "
                                    "else steerlm), steerlm, chat-template, instructions or described.")
+    sft_weight: float = option(0.0, "Weight of a negative log-likelihood term on the chosen reply, end of turn "
+                                    "included, added to the DPO loss (RPO; TRL's 'sft' loss). One epoch of plain DPO "
+                                    "on the default model learned answers that never end; this keeps ending likely.")
+    ld_alpha: float = option(1.0, "LD-DPO: weight of the reply tokens past the shorter reply's length, in [0, 1] "
+                                  "(1: plain DPO; 0: only the shared length counts), so that 'longer wins' is not "
+                                  "what the pairs teach.")
     mirrored_batches: bool = option(False, "Keep the two mirrored pairs of a helpsteer-sliders contrast in one "
                                            "batch (batch_size must be even), so only the attribute line tells "
                                            "them apart.")
@@ -58,6 +64,10 @@ class DPORecipeConfig(BaseConfig, LoraFields):
             raise ConfigError(f"label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
         if self.label_smoothing and self.loss_type != "robust":
             raise ConfigError(f"label_smoothing: only the robust loss uses it (loss_type is {self.loss_type!r})")
+        if self.sft_weight < 0:
+            raise ConfigError(f"sft_weight: must be 0 (off) or positive, got {self.sft_weight}")
+        if not 0.0 <= self.ld_alpha <= 1.0:
+            raise ConfigError(f"ld_alpha: must be in [0, 1] (1 = plain DPO), got {self.ld_alpha}")
         if self.mirrored_batches and self.batch_size % 2:
             raise ConfigError(f"batch_size: mirrored_batches needs an even batch size, got {self.batch_size}")
 
@@ -80,7 +90,9 @@ def build_trainer(config: DPORecipeConfig, run_dir: RunDir, base: str, tokenizer
 
     args = DPOConfig(
         **runner.trainer_arguments(config, run_dir),
-        loss_type=[config.loss_type],  # a list in TRL 1.x
+        loss_type=[config.loss_type, "sft"] if config.sft_weight else [config.loss_type],  # a list in TRL 1.x
+        loss_weights=[1.0, config.sft_weight] if config.sft_weight else None,
+        ld_alpha=None if config.ld_alpha == 1.0 else config.ld_alpha,
         beta=config.beta,
         label_smoothing=config.label_smoothing,
         max_length=config.max_length,

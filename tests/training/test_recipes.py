@@ -102,15 +102,19 @@ def test_dpo_trains_and_reports_held_out_rewards(dpo_run: Path, tiny_model_dir: 
 
 
 def test_dpo_loss_types_differ_on_the_same_batch(tmp_path: Path, tiny_model_dir: Path, attribute_file: Path) -> None:
-    """With the policy moved off the reference, sigmoid, robust (flip rate 0.1) and IPO disagree."""
+    """With the policy moved off the reference, sigmoid, robust (flip rate 0.1) and IPO disagree, and so does
+    sigmoid with an NLL term on the chosen reply (sft_weight) or with the length weighting of LD-DPO (ld_alpha)."""
     pairs, _ = load_rows("preferences", str(attribute_file), "helpsteer")
     tokenizer = runner.load_tokenizer(str(tiny_model_dir))
     examples = [dpo.pair_example(p, SteeringMethod.INSTRUCTIONS, tokenizer) for p in pairs[:4]]
     losses = {}
-    for loss_type, smoothing in (("sigmoid", 0.0), ("robust", 0.1), ("ipo", 0.0)):
+    for name, loss_type, smoothing, extra in (("sigmoid", "sigmoid", 0.0, {}), ("robust", "robust", 0.1, {}),
+                                              ("ipo", "ipo", 0.0, {}), ("rpo", "sigmoid", 0.0, {"sft_weight": 1.0}),
+                                              ("ld", "sigmoid", 0.0, {"ld_alpha": 0.0})):
         config = dpo.DPORecipeConfig(model=str(tiny_model_dir), data=str(attribute_file), data_format="helpsteer",
-                                     loss_type=loss_type, label_smoothing=smoothing, batch_size=4, max_steps=1)
-        run_dir = RunDir(tmp_path / loss_type, {"recipe": "dpo"})
+                                     loss_type=loss_type, label_smoothing=smoothing, batch_size=4, max_steps=1,
+                                     **extra)
+        run_dir = RunDir(tmp_path / name, {"recipe": "dpo"})
         run_dir.prepare()
         trainer = dpo.build_trainer(config, run_dir, str(tiny_model_dir), tokenizer, examples, [])
         generator = torch.Generator().manual_seed(0)
@@ -119,9 +123,11 @@ def test_dpo_loss_types_differ_on_the_same_batch(tmp_path: Path, tiny_model_dir:
                 param.add_(torch.randn(param.shape, generator=generator) * 0.05)
         batch = next(iter(trainer.get_train_dataloader()))
         with torch.no_grad():
-            losses[loss_type] = float(trainer.compute_loss(trainer.model, batch))
+            losses[name] = float(trainer.compute_loss(trainer.model, batch))
     assert all(math.isfinite(v) for v in losses.values())
     assert abs(losses["sigmoid"] - losses["robust"]) > 1e-4 and abs(losses["sigmoid"] - losses["ipo"]) > 1e-4
+    assert losses["rpo"] > losses["sigmoid"] + 1.0  # plus the chosen replies' mean NLL: several nats on a random model
+    assert abs(losses["sigmoid"] - losses["ld"]) > 1e-4
 
 
 def test_dpo_on_slider_pairs_renders_each_pairs_own_attribute_line(tmp_path: Path, tiny_model_dir: Path,

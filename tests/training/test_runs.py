@@ -46,6 +46,8 @@ def test_yaml_then_set_overrides_with_types(tmp_path: Path) -> None:
     (["label_smoothing=0.1"], "label_smoothing: only the robust loss"),
     (["loss_type=robust", "label_smoothing=0.5"], r"label_smoothing: must be in \[0, 0.5\)"),
     (["beta=high"], "beta: expected float"),
+    (["sft_weight=-1"], "sft_weight: must be 0"),
+    (["ld_alpha=1.5"], r"ld_alpha: must be in \[0, 1\]"),
     (["max_steps"], "expected key=value"),
     (["extra_data=[hh-rlhf]"], "extra_data: 'hh-rlhf' is not FORMAT:PATH"),
     (["extra_data=[aqua:x.json]"], "extra_data: format 'aqua' of 'aqua:x.json' is not one of"),
