@@ -43,6 +43,8 @@ class BenchTarget:
     """The ``--model`` spec the benchmark started it with; None for a server it was given."""
     reading_level_guidance: float = 0.0
     """How hard the server pushes the complexity slider while decoding (its model card; 0: not at all)."""
+    verbosity_guidance: float = 0.0
+    """How hard the server pushes the verbosity slider (the end-of-turn token) while decoding (its model card)."""
 
     @property
     def label(self) -> str:
@@ -88,7 +90,8 @@ def model_cards(url: str) -> list[dict]:
 
 def _target(url: str, card: dict, spec: str | None) -> BenchTarget:
     return BenchTarget(url=url, model=card["id"], engine=card["engine"], precision=card["precision"],
-                       root=card["root"], spec=spec, reading_level_guidance=card.get("reading_level_guidance", 0.0))
+                       root=card["root"], spec=spec, reading_level_guidance=card.get("reading_level_guidance", 0.0),
+                       verbosity_guidance=card.get("verbosity_guidance", 0.0))
 
 
 @contextmanager

@@ -126,11 +126,14 @@ def describe_decoding(params: dict[str, Any]) -> str:
     return text + (f" with {', '.join(penalties)}" if penalties else "")
 
 
-def answer_id(prompt: str, index: int, attributes: tuple[tuple[str, int], ...], guidance: float = 0.0) -> str:
+def answer_id(prompt: str, index: int, attributes: tuple[tuple[str, int], ...], guidance: float = 0.0,
+              verbosity_guidance: float = 0.0) -> str:
     """A request's name in the answer log: prompt index, its full attribute line, and the prompt's hash; and the
-    server's reading-level guidance where on, so answers decoded with another strength are never reused."""
+    server's reading-level and verbosity guidance where on, so answers decoded with another strength are never
+    reused."""
     line = ",".join(f"{name}:{level}" for name, level in attributes)
     guided = f"|guidance:{guidance:g}" if guidance else ""
+    guided += f"|verbosity-guidance:{verbosity_guidance:g}" if verbosity_guidance else ""
     return f"{index}|{line}|{hashlib.sha256(prompt.encode()).hexdigest()[:16]}{guided}"
 
 
@@ -154,7 +157,8 @@ async def _answers(target: BenchTarget, prompts: list[str], max_tokens: int, par
 
     jobs = [(name, level, i) for name in sliders for level in LEVELS for i in range(len(prompts))]
     requests = {request_key(*job): job for job in reversed(jobs)}
-    ids = {key: answer_id(prompts[key[0]], *key, target.reading_level_guidance) for key in requests}
+    ids = {key: answer_id(prompts[key[0]], *key, target.reading_level_guidance, target.verbosity_guidance)
+           for key in requests}
     limit = asyncio.Semaphore(parallel)
     params = dict(params or {"temperature": 0.0})
 
@@ -246,7 +250,8 @@ def measure(target: BenchTarget, args: argparse.Namespace, answer_log: AnswerLog
     answers = asyncio.run(_answers(target, prompts, max_tokens, args.parallel, params, args.hold, answer_log,
                                    args.sliders, args.request_timeout))
     result = {"summary": summarize(answers), "answers": answers, "prompts": prompts, "max_tokens": max_tokens,
-              "decoding": params, "reading_level_guidance": target.reading_level_guidance}
+              "decoding": params, "reading_level_guidance": target.reading_level_guidance,
+              "verbosity_guidance": target.verbosity_guidance}
     if args.apm:
         result["default_slider_apm"] = default_slider_quality(args.apm, prompts, answers)
     return result
@@ -279,21 +284,22 @@ def _quality_table(results: dict[str, dict[str, Any]]) -> str:
             + markdown_table(["variant", *names], rows, 2))
 
 
-def _guidance_note(results: dict[str, dict[str, Any]]) -> str:
-    """Which servers pushed the complexity slider while decoding, and how hard (their model cards)."""
-    guided = {label: r.get("reading_level_guidance", 0.0) for label, r in results.items()}
+def _guidance_note(results: dict[str, dict[str, Any]], slider: str) -> str:
+    """Which servers pushed ``slider`` while decoding, and how hard (their model cards)."""
+    key, what, unit = {"complexity": ("reading_level_guidance", "reading-level guidance", "logits per syllable"),
+                       "verbosity": ("verbosity_guidance", "verbosity guidance", "end-token logits")}[slider]
+    guided = {label: r.get(key, 0.0) for label, r in results.items()}
     if not any(guided.values()):
-        return " (no reading-level guidance: the prompt alone)"
-    return " (reading-level guidance, logits per syllable at level 0: " + ", ".join(
-        f"{label} {value:g}" for label, value in guided.items()) + ")"
+        return f" (no {what}: the prompt alone)"
+    return f" ({what}, {unit} at level 0: " + ", ".join(f"{label} {value:g}" for label, value in guided.items()) + ")"
 
 
 def _sweep_table(results: dict[str, dict[str, Any]], name: str, head: list[str]) -> str:
     """One slider's table: the measure per level, Spearman, the level-4 vs level-0 effect, the target check."""
     if name == "verbosity":
-        title, effect = "Mean characters by **verbosity** level", "L4 / L0"
+        title, effect = "Mean characters by **verbosity** level" + _guidance_note(results, name), "L4 / L0"
     else:
-        title, effect = "Mean Flesch-Kincaid grade by **complexity** level" + _guidance_note(results), "L4 - L0"
+        title, effect = "Mean Flesch-Kincaid grade by **complexity** level" + _guidance_note(results, name), "L4 - L0"
     return (f"\n{title}\n\n"
             + markdown_table(["variant", *head, "Spearman ρ", effect, "monotone", "target", "truncated"],
                              _rows(results, name, SWEEPS[name]), 2))

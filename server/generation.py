@@ -90,6 +90,7 @@ class Generator:
         seed: int | None = None,
         stop: Sequence[str] = (),
         ignore_eos: bool = False,
+        min_tokens: int = 0,
         presence_penalty: float = 0.0,
         frequency_penalty: float = 0.0,
         repetition_penalty: float = 1.0,
@@ -98,8 +99,12 @@ class Generator:
     ) -> Prepared:
         self.admit(variant)
         ids = variant.tokenize(prompt)
+        max_tokens = self.max_tokens(variant, len(ids), requested_max_tokens, field)
+        if min_tokens > max_tokens:
+            raise APIError(400, f"min_tokens ({min_tokens}) is more than the {max_tokens} tokens this request may "
+                                "generate", param="min_tokens")
         options = SamplingOptions(
-            max_tokens=self.max_tokens(variant, len(ids), requested_max_tokens, field),
+            max_tokens=max_tokens,
             # Below 1e-5 sampling is greedy (as in vLLM): dividing logits by a denormal overflows.
             temperature=temperature if temperature >= GREEDY_BELOW else 0.0,
             top_p=top_p,
@@ -107,6 +112,7 @@ class Generator:
             stop=tuple(dict.fromkeys([*variant.stops(), *stop])),
             n=n,
             ignore_eos=ignore_eos,
+            min_tokens=min_tokens,
             presence_penalty=presence_penalty,
             frequency_penalty=frequency_penalty,
             repetition_penalty=repetition_penalty,

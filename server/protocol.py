@@ -98,6 +98,8 @@ class _SamplingFields(_SteeredRequest):
     attributes: Attributes = None
     """Steering sliders, 0-4 each; missing ones take the SteerLM defaults."""
     ignore_eos: bool = False
+    min_tokens: int = Field(default=0, ge=0)
+    """vLLM's: tokens generated before the end-of-sequence token may come (at most max_tokens)."""
 
     @field_validator("logit_bias")
     @classmethod
@@ -261,6 +263,8 @@ class ModelCard(BaseModel):
     """Why an adapter is not applied per request on its base's engine (one line)."""
     reading_level_guidance: float = 0.0
     """Logits per syllable the complexity slider pushes with at level 0 (0: the prompt alone steers it)."""
+    verbosity_guidance: float = 0.0
+    """Logits the verbosity slider pushes the end-of-turn token up by at level 0 (0: the prompt alone steers it)."""
 
 
 class ModelList(BaseModel):

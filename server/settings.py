@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from steerserve.default_model import CACHE_DIR
 from steerserve.reading_level import DEFAULT_STRENGTH
+from steerserve.verbosity_guidance import DEFAULT_VERBOSITY_STRENGTH
 
 
 class VariantSpec(BaseSettings):
@@ -41,6 +42,8 @@ class VariantSpec(BaseSettings):
     """Adapters: serve the merged checkpoint on an engine of its own even where LoRA per request works."""
     reading_level_guidance: float | None = Field(None, ge=0.0, le=10.0)
     """This variant's complexity-slider strength (the server's ``reading_level_guidance`` when unset)."""
+    verbosity_guidance: float | None = Field(None, ge=0.0, le=10.0)
+    """This variant's verbosity-slider strength (the server's ``verbosity_guidance`` when unset)."""
 
     @classmethod
     def parse(cls, text: str) -> VariantSpec:
@@ -97,6 +100,9 @@ class ServerSettings(BaseSettings):
     reading_level_guidance: float = Field(DEFAULT_STRENGTH, ge=0.0, le=10.0)
     """Logits per syllable the complexity slider pushes with at level 0, falling linearly to none at level 4
     (steerserve.reading_level); 0 leaves complexity to the prompt alone."""
+    verbosity_guidance: float = Field(DEFAULT_VERBOSITY_STRENGTH, ge=0.0, le=10.0)
+    """Logits the verbosity slider pushes the end-of-turn token up by at level 0, falling linearly to none at
+    level 4 (steerserve.verbosity_guidance); 0 leaves verbosity to the prompt alone."""
     default_max_tokens: int = 512
     """max_tokens when a request gives none (capped by what the context leaves)."""
     max_tokens_limit: int = 4096

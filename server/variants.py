@@ -20,6 +20,7 @@ from steerserve.nf4_correction import CORRECTION_FILE, has_correction
 from steerserve.precision import NEEDS_CPU_AVX512, NEEDS_CUDA, SERVING_ENGINES, Precision
 from steerserve.prompts import SteeringMethod, render_chat, stop_strings
 from steerserve.reading_level import ReadingLevelGuide, guide_for
+from steerserve.verbosity_guidance import end_token_ids, verbosity_bias
 from steerserve.server.engines import load_engine_class
 from steerserve.server.engines.base import Engine, EngineConfig, LogitBias
 from steerserve.server.errors import APIError, model_not_found
@@ -70,6 +71,11 @@ class Variant:
     """This tokenizer's reading-level scores; built with the tokenizer when guidance is on."""
     complexity_biases: dict[int, LogitBias] = field(default_factory=dict, repr=False)
     """The bias per complexity level, made on first use."""
+    verbosity_guidance: float = 0.0
+    """Logits the verbosity slider pushes the end-of-turn token up by at level 0
+    (:mod:`steerserve.verbosity_guidance`)."""
+    end_ids: tuple[int, ...] = ()
+    """The tokens that end an answer, which verbosity guidance pushes; read with the tokenizer when it is on."""
 
     def apply_template(self, messages: list[dict[str, str]]) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -94,6 +100,14 @@ class Variant:
             self.complexity_biases[level] = LogitBias.of(bias, (level, self.reading_level_guidance))
         bias = self.complexity_biases[level]
         return bias if bias.ids else None
+
+    def verbosity_bias(self, attributes: dict[str, int] | None) -> LogitBias | None:
+        """The end-of-turn push of a request's verbosity slider; None at level 4 (the default) or when guidance
+        is off."""
+        if not self.end_ids or attributes is None:
+            return None
+        bias = verbosity_bias(self.end_ids, resolve_attributes(attributes)["verbosity"], self.verbosity_guidance)
+        return LogitBias.of(bias) if bias else None
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of a rendered prompt; no second BOS when the template wrote one."""
@@ -180,12 +194,18 @@ def build_variant(spec: VariantSpec, settings: ServerSettings, path: Path, adapt
         engine=load_engine_class(engine_name)(config),
         manifest=manifest,
         reading_level_guidance=guidance_strength(spec, settings),
+        verbosity_guidance=verbosity_strength(spec, settings),
     )
 
 
 def guidance_strength(spec: VariantSpec, settings: ServerSettings) -> float:
     """The variant's own ``reading_level_guidance``, else the server's."""
     return settings.reading_level_guidance if spec.reading_level_guidance is None else spec.reading_level_guidance
+
+
+def verbosity_strength(spec: VariantSpec, settings: ServerSettings) -> float:
+    """The variant's own ``verbosity_guidance``, else the server's."""
+    return settings.verbosity_guidance if spec.verbosity_guidance is None else spec.verbosity_guidance
 
 
 def prepare_variant(variant: Variant) -> None:
@@ -203,6 +223,8 @@ def prepare_variant(variant: Variant) -> None:
         raise ValueError(f"steering {variant.steering.value!r} needs a chat template; the tokenizer has none")
     if variant.reading_level_guidance > 0:
         variant.reading_guide = guide_for(variant.tokenizer)
+    if variant.verbosity_guidance > 0:
+        variant.end_ids = end_token_ids(variant.tokenizer)
 
 
 class VariantRegistry:

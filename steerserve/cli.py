@@ -55,6 +55,10 @@ def _serve_parser() -> argparse.ArgumentParser:
                         help="how hard the complexity slider pushes at level 0, in logits per syllable (default "
                              "2; 0: the prompt alone steers complexity); per variant: --model PATH,"
                              "reading_level_guidance=X")
+    parser.add_argument("--verbosity-guidance", type=float, metavar="LOGITS",
+                        help="how hard the verbosity slider pushes the end-of-turn token up at level 0, in logits "
+                             "(default 6; 0: the prompt alone steers length); per variant: --model PATH,"
+                             "verbosity_guidance=X")
     parser.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
     return parser
 
@@ -71,7 +75,7 @@ def serve_settings(argv: list[str]) -> ServerSettings:
         key: getattr(args, key)
         for key in ("engine", "host", "port", "api_key", "max_model_len", "max_num_seqs", "kv_cache_gib",
                     "enforce_eager", "tensor_parallel_size", "pipeline_parallel_size", "default_max_tokens",
-                    "log_level", "reading_level_guidance")
+                    "log_level", "reading_level_guidance", "verbosity_guidance")
         if getattr(args, key) is not None
     }
     if args.model:

@@ -121,11 +121,13 @@ class SamplingOptions:
     stop: tuple[str, ...] = ()
     n: int = 1
     ignore_eos: bool = False
+    min_tokens: int = 0
+    """Tokens generated before the end-of-sequence token may be (vLLM's meaning: it is masked until then)."""
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: LogitBias | None = None
-    """The caller's ``logit_bias``."""
+    """The caller's ``logit_bias``, plus the verbosity slider's end-token push where on (a few entries)."""
     guidance: LogitBias | None = None
     """The complexity slider's reading-level bias (None at level 4 or with guidance off)."""
 
@@ -146,7 +148,7 @@ class SamplingOptions:
     @property
     def adjusts_logits(self) -> bool:
         """Whether the logits change before the argmax: a logit bias or any penalty."""
-        return self.penalized or bool(self.total_logit_bias and self.total_logit_bias.ids)
+        return self.penalized or self.min_tokens > 0 or bool(self.total_logit_bias and self.total_logit_bias.ids)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,6 +10,7 @@ All of them act before the greedy argmax and before temperature.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from collections.abc import Sequence as Seq
 from typing import TYPE_CHECKING
 
@@ -38,8 +39,12 @@ def apply_penalties(logits: torch.Tensor, prompt_ids: Seq[int], output_ids: Seq[
 
 
 def adjust_logits(logits: torch.Tensor, prompt_ids: Seq[int], output_ids: Seq[int],
-                  options: SamplingOptions) -> None:
-    """One row of float32 ``logits`` biased, then penalised, in place (vLLM's order)."""
+                  options: SamplingOptions, eos_ids: Iterable[int] = ()) -> None:
+    """One row of float32 ``logits`` biased, then penalised, in place (vLLM's order); the end-of-sequence
+    tokens masked while the output is shorter than ``min_tokens`` (as vLLM's min-tokens processor does)."""
+    if len(output_ids) < options.min_tokens and not options.ignore_eos:
+        ends = [i for i in eos_ids if i < logits.shape[-1]]
+        logits[ends] = float("-inf")
     bias = options.total_logit_bias
     if bias is not None and bias.ids:
         ids, values = bias.tensors
@@ -54,7 +59,7 @@ def sample_tokens(logits: torch.Tensor, seqs: Seq[Sequence]) -> list[int]:
     temperature 0, else top-p with the row's generator."""
     for row, seq in enumerate(seqs):
         if seq.options.adjusts_logits:
-            adjust_logits(logits[row], seq.prompt_ids, seq.output_ids, seq.options)
+            adjust_logits(logits[row], seq.prompt_ids, seq.output_ids, seq.options, seq.eos_ids)
     greedy = logits.argmax(-1).tolist()
     tokens = []
     for row, seq in enumerate(seqs):

@@ -315,6 +315,7 @@ def _sampling_params(options: SamplingOptions, n: int, guided: bool = False) -> 
             seed=options.seed,
             stop=list(options.stop),
             ignore_eos=options.ignore_eos,
+            min_tokens=options.min_tokens,
             presence_penalty=options.presence_penalty,
             frequency_penalty=options.frequency_penalty,
             repetition_penalty=options.repetition_penalty,

@@ -108,6 +108,9 @@ def test_steerability_on_a_given_server(bench_server, tmp_path: Path, data_files
     assert variant["reading_level_guidance"] == 2.0  # the server's default, from its model card
     assert "reading-level guidance, logits per syllable at level 0: tiny:bf16 (transformers) 2" in (
         tmp_path / "steerability.md").read_text()
+    assert variant["verbosity_guidance"] == 6.0
+    assert "verbosity guidance, end-token logits at level 0: tiny:bf16 (transformers) 6" in (
+        tmp_path / "steerability.md").read_text()
 
 
 def _one_prompt_sweep(url: str, data_files) -> list[str]:
@@ -254,11 +257,12 @@ def test_a_sweep_stopped_mid_variant_goes_on_from_its_logged_answers(bench_serve
     # The outputs write an undefined grade as null; the log keeps the answer as measured (NaN).
     answers = [{k: float("nan") if v is None else v for k, v in a.items()} for a in first["variants"][label]["answers"]]
 
-    guidance = first["variants"][label]["reading_level_guidance"]  # answers are logged under the server's strength
+    # Answers are logged under the server's strengths (its model card).
+    guidance = first["variants"][label]["reading_level_guidance"], first["variants"][label]["verbosity_guidance"]
 
     def logged_id(answer: dict) -> str:
         line = tuple(sorted(resolve_attributes({answer["slider"]: answer["level"]}).items()))
-        return answer_id(texts[answer["prompt"]], answer["prompt"], line, guidance)
+        return answer_id(texts[answer["prompt"]], answer["prompt"], line, *guidance)
 
     # What a run killed mid-variant leaves: three answers logged (one marked), and a line cut short by the kill.
     for out, config in ((tmp_path / "again", first["config"]), (tmp_path / "other", {**first["config"], "seed": 9})):

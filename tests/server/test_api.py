@@ -215,6 +215,55 @@ def test_guidance_strength_from_the_cli_and_per_variant(tiny_model_dir: Path) ->
         assert answer("guided:bf16", 4) == answer("plain:bf16", 4)
 
 
+def test_min_tokens_holds_back_the_end_token(client, tiny_model_dir: Path) -> None:
+    """vLLM's min_tokens on every engine: the end-of-sequence token cannot come before that many tokens, even
+    forced by a logit bias; more than max_tokens is a 400 naming the field."""
+    from transformers import AutoTokenizer
+
+    eos = AutoTokenizer.from_pretrained(tiny_model_dir).eos_token_id
+    args = dict(model=CHAT, messages=HELLO, max_tokens=8, temperature=0, logit_bias={str(eos): 100})
+    at_once = client.chat.completions.create(**args)
+    assert at_once.usage.completion_tokens == 1 and at_once.choices[0].finish_reason == "stop"
+    held = client.chat.completions.create(**args, extra_body={"min_tokens": 3})
+    assert held.usage.completion_tokens == 4 and held.choices[0].finish_reason == "stop"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(**args, extra_body={"min_tokens": 9})
+    assert err.value.body["param"] == "min_tokens"
+
+
+def test_verbosity_guidance_pushes_the_end_token(tiny_model_dir: Path) -> None:
+    """Below verbosity 4 the slider raises the end-of-turn token's logit by strength * (4 - level) / 4 with at
+    least one token first: exactly the caller's own logit_bias and min_tokens 1 on an unguided variant. At 4 (the
+    default) the answer is the model's own. --verbosity-guidance sets the server's strength, a variant's
+    verbosity_guidance=0 turns it off for that variant alone."""
+    from live_server import LiveServer
+    from transformers import AutoTokenizer
+
+    from steerserve.cli import serve_settings
+    from steerserve.server.app import create_app
+
+    eos = AutoTokenizer.from_pretrained(tiny_model_dir).eos_token_id
+    settings = serve_settings(["--engine", "transformers", "--max-model-len", "512", "--verbosity-guidance", "10",
+                               "--model", f"{tiny_model_dir},name=plain,verbosity_guidance=0",
+                               "--model", f"{tiny_model_dir},name=guided"])
+    with LiveServer(create_app(settings)) as live:
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        cards = {card.id: card.model_dump()["verbosity_guidance"] for card in client.models.list().data}
+        assert cards == {"plain:bf16": 0.0, "guided:bf16": 10.0}
+
+        def answer(model: str, verbosity: int, **extra) -> tuple[str, int, str]:
+            reply = client.chat.completions.create(
+                model=model, messages=HELLO, max_tokens=16, temperature=0,
+                extra_body={"attributes": {"verbosity": verbosity}, **extra})
+            return reply.choices[0].message.content, reply.usage.completion_tokens, reply.choices[0].finish_reason
+
+        pushed = answer("guided:bf16", 0)
+        assert pushed == answer("plain:bf16", 0, logit_bias={str(eos): 10.0}, min_tokens=1)
+        assert pushed[1:] == (2, "stop")  # one token, then the end: ten logits outweigh a random model's choice
+        assert answer("guided:bf16", 3) == answer("plain:bf16", 3, logit_bias={str(eos): 2.5}, min_tokens=1)
+        assert answer("guided:bf16", 4) == answer("plain:bf16", 4)
+
+
 def test_stop_string_cuts_the_output(client) -> None:
     args = dict(model=CHAT, prompt="Hello", max_tokens=16, temperature=0, extra_body={"ignore_eos": True})
     full = client.completions.create(**args).choices[0].text
