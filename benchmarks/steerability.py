@@ -31,7 +31,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from steerserve.measures import FK_MEASURE, chars, fk_grade, mean, spearman
+from steerserve.measures import FK_MEASURE, chars, ends_unfinished, fk_grade, mean, spearman
 from steerserve.benchmarks.partial import AnswerLog
 from steerserve.benchmarks.report import figure, markdown_table
 from steerserve.benchmarks.servers import BenchTarget
@@ -216,9 +216,16 @@ def summarize(answers: list[dict[str, Any]]) -> dict[str, Any]:
             "fkgl": {lvl: mean([a["fkgl"] for a in rows if a["level"] == lvl]) for lvl in LEVELS},
             "spearman": spearman([a["level"] for a in rows], [a[measure] for a in rows]),
             "truncated": sum(a["finish_reason"] == "length" for a in rows) / max(len(rows), 1),
+            "unfinished": {lvl: _unfinished([a for a in rows if a["level"] == lvl]) for lvl in LEVELS},
         }
         out[name]["target"] = target_check(name, out[name][measure])
     return out
+
+
+def _unfinished(rows: list[dict[str, Any]]) -> float:
+    """Of the answers that ended on their own (not at the cap), the share whose last sentence is unfinished."""
+    ended = [a for a in rows if a["finish_reason"] == "stop"]
+    return sum(ends_unfinished(a["text"]) for a in ended) / len(ended) if ended else 0.0
 
 
 def default_slider_quality(apm_dir: str, prompts: list[str], answers: list[dict[str, Any]]) -> dict[str, float]:
@@ -267,10 +274,12 @@ def _rows(results: dict[str, dict[str, Any]], name: str, measure: str) -> list[l
         effect = "—" if value is None or value != value else f"x{value:.2f}" if kind == "ratio" else f"{value:+.2f}"
         rows.append([label, *(summary[measure][lvl] for lvl in LEVELS), summary["spearman"], effect,
                      "yes" if check["monotone"] else "no", "met" if check["met"] else "not met",
-                     f"{summary['truncated']:.0%}"])
+                     f"{summary['truncated']:.0%}",
+                     " / ".join(f"{summary['unfinished'][lvl]:.0%}" for lvl in LEVELS)
+                     if "unfinished" in summary else "—"])  # results measured before it was: --rescore adds it
     paper = PAPER[name][measure]
     paper_effect = (f"x{paper[4] / paper[0]:.2f}" if TARGETS[name][0] == "ratio" else f"{paper[4] - paper[0]:+.2f}")
-    rows.append(["paper (HelpSteer)", *(paper.get(lvl) for lvl in LEVELS), None, paper_effect, "", "", ""])
+    rows.append(["paper (HelpSteer)", *(paper.get(lvl) for lvl in LEVELS), None, paper_effect, "", "", "", ""])
     return rows
 
 
@@ -301,7 +310,8 @@ def _sweep_table(results: dict[str, dict[str, Any]], name: str, head: list[str])
     else:
         title, effect = "Mean Flesch-Kincaid grade by **complexity** level" + _guidance_note(results, name), "L4 - L0"
     return (f"\n{title}\n\n"
-            + markdown_table(["variant", *head, "Spearman ρ", effect, "monotone", "target", "truncated"],
+            + markdown_table(["variant", *head, "Spearman ρ", effect, "monotone", "target", "truncated",
+                              "unfinished L0-L4"],
                              _rows(results, name, SWEEPS[name]), 2))
 
 
@@ -313,7 +323,8 @@ def finish(results: dict[str, dict[str, Any]], refs: dict[str, Any],
     others = "the other sliders at their defaults" + (
         f", except {', '.join(f'{k} {v}' for k, v in args.hold.items())}" if args.hold else "")
     text = (f"{count} prompts x 5 levels per slider ({others}), {describe_decoding(decoding(args))}, max "
-            f"{max_tokens} tokens per answer (truncated = share of answers cut by that cap). Targets: monotone, "
+            f"{max_tokens} tokens per answer (truncated = share of answers cut by that cap; unfinished = share of the "
+            f"answers that ended on their own whose last sentence is unfinished, per level). Targets: monotone, "
             f"chars x3 from verbosity 0 to 4, +2 grades from complexity 0 to 4. Paper: {PAPER_SOURCE}.\n"
             + "".join(_sweep_table(results, name, head) for name in args.sliders)
             + _quality_table(results))

@@ -111,7 +111,7 @@ def build_adapter_variant(spec: VariantSpec, settings: ServerSettings, base: Var
                 steering=SteeringMethod(steering) if steering else None, tokenizer=None, ready=False, error=None,
                 tokenizer_path=tokenizer, base=base.id, served_as="lora", served_as_reason=None, prepare=None,
                 reading_level_guidance=guidance_strength(spec, settings), reading_guide=None, complexity_biases={},
-                verbosity_guidance=verbosity_strength(spec, settings), end_ids=(),
+                verbosity_guidance=verbosity_strength(spec, settings), end_guide=None,
             )
     if not base.precision.is_float and base.engine_name == "transformers" and not spec.merged:
         return _unmerged_variant(spec, settings, base, source, model_id, reason)

@@ -13,7 +13,8 @@ from contextlib import aclosing
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
-from steerserve.server.engines.base import GREEDY_BELOW, EngineRequest, GenerationDelta, LogitBias, SamplingOptions
+from steerserve.server.engines.base import (GREEDY_BELOW, EndPush, EngineRequest, GenerationDelta, LogitBias,
+                                            SamplingOptions)
 from steerserve.server.errors import APIError
 from steerserve.server.metrics import ServerMetrics
 from steerserve.server.protocol import random_id
@@ -96,6 +97,7 @@ class Generator:
         repetition_penalty: float = 1.0,
         logit_bias: LogitBias | None = None,
         guidance: LogitBias | None = None,
+        end_push: EndPush | None = None,
     ) -> Prepared:
         self.admit(variant)
         ids = variant.tokenize(prompt)
@@ -118,6 +120,7 @@ class Generator:
             repetition_penalty=repetition_penalty,
             logit_bias=logit_bias,
             guidance=guidance,
+            end_push=end_push,
         )
         return Prepared(variant, prompt, ids, options, random_id("req"))
 

@@ -76,12 +76,7 @@ class CompletionService:
         return LogitBias.of({int(token): bias for token, bias in request.logit_bias.items()})
 
     def _prepare(self, variant: Variant, prompt: str, request, field: str) -> Prepared:  # noqa: ANN001
-        """The request's sampling options; the verbosity slider's end-token push rides on the caller's
-        ``logit_bias`` (a one-entry map every engine applies), with at least one token before the end so that a
-        strong push never returns an empty answer."""
         requested = getattr(request, "max_completion_tokens", None) or request.max_tokens
-        caller_bias = self._logit_bias(variant, request)
-        push = variant.verbosity_bias(request.attributes)
         return self.generator.prepare(
             variant,
             prompt,
@@ -93,12 +88,13 @@ class CompletionService:
             seed=request.seed,
             stop=request.stop or [],
             ignore_eos=request.ignore_eos,
-            min_tokens=max(request.min_tokens, 1) if push else request.min_tokens,
+            min_tokens=request.min_tokens,
             presence_penalty=request.presence_penalty,
             frequency_penalty=request.frequency_penalty,
             repetition_penalty=request.repetition_penalty,
-            logit_bias=push.merged(caller_bias) if push else caller_bias,
+            logit_bias=self._logit_bias(variant, request),
             guidance=variant.complexity_bias(request.attributes),
+            end_push=variant.end_push(request.attributes),
         )
 
     def render(self, request: RenderRequest) -> RenderResponse:

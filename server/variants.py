@@ -20,9 +20,9 @@ from steerserve.nf4_correction import CORRECTION_FILE, has_correction
 from steerserve.precision import NEEDS_CPU_AVX512, NEEDS_CUDA, SERVING_ENGINES, Precision
 from steerserve.prompts import SteeringMethod, render_chat, stop_strings
 from steerserve.reading_level import ReadingLevelGuide, guide_for
-from steerserve.verbosity_guidance import end_token_ids, verbosity_bias
+from steerserve.verbosity_guidance import EndGuide, end_guide_for
 from steerserve.server.engines import load_engine_class
-from steerserve.server.engines.base import Engine, EngineConfig, LogitBias
+from steerserve.server.engines.base import EndPush, Engine, EngineConfig, LogitBias
 from steerserve.server.errors import APIError, model_not_found
 from steerserve.server.settings import ServerSettings, VariantSpec
 
@@ -74,8 +74,8 @@ class Variant:
     verbosity_guidance: float = 0.0
     """Logits the verbosity slider pushes the end-of-turn token up by at level 0
     (:mod:`steerserve.verbosity_guidance`)."""
-    end_ids: tuple[int, ...] = ()
-    """The tokens that end an answer, which verbosity guidance pushes; read with the tokenizer when it is on."""
+    end_guide: EndGuide | None = None
+    """This tokenizer's end-of-turn and sentence-end tokens; built with the tokenizer when verbosity guidance is on."""
 
     def apply_template(self, messages: list[dict[str, str]]) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -101,13 +101,14 @@ class Variant:
         bias = self.complexity_biases[level]
         return bias if bias.ids else None
 
-    def verbosity_bias(self, attributes: dict[str, int] | None) -> LogitBias | None:
+    def end_push(self, attributes: dict[str, int] | None) -> EndPush | None:
         """The end-of-turn push of a request's verbosity slider; None at level 4 (the default) or when guidance
         is off."""
-        if not self.end_ids or attributes is None:
+        if self.end_guide is None or attributes is None:
             return None
-        bias = verbosity_bias(self.end_ids, resolve_attributes(attributes)["verbosity"], self.verbosity_guidance)
-        return LogitBias.of(bias) if bias else None
+        level = resolve_attributes(attributes)["verbosity"]
+        logits = self.end_guide.push(level, self.verbosity_guidance)
+        return EndPush(self.end_guide, logits, level, self.verbosity_guidance) if logits > 0 else None
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of a rendered prompt; no second BOS when the template wrote one."""
@@ -224,7 +225,7 @@ def prepare_variant(variant: Variant) -> None:
     if variant.reading_level_guidance > 0:
         variant.reading_guide = guide_for(variant.tokenizer)
     if variant.verbosity_guidance > 0:
-        variant.end_ids = end_token_ids(variant.tokenizer)
+        variant.end_guide = end_guide_for(variant.tokenizer)
 
 
 class VariantRegistry:

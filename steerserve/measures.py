@@ -106,6 +106,15 @@ def prose_lines(text: str) -> list[str]:
     return lines
 
 
+def ends_unfinished(text: str) -> bool:
+    """Whether an answer stops without finishing its last sentence: its end (white space and closing quotes,
+    brackets and emphasis marks aside) is a letter, a digit, a colon, comma or semicolon, as in "consider the
+    following:". A closed code block, a sentence mark or any other symbol counts as finished. What verbosity
+    guidance must not cause when it ends answers early (``steerserve bench steerability`` reports it)."""
+    end = text.rstrip().rstrip("\"')]*_ \n\t")
+    return bool(end) and (end[-1].isalnum() or end[-1] in ":,;")
+
+
 def fk_grade(text: str) -> float:
     """Flesch-Kincaid grade level of the answer's :func:`prose_lines`; NaN where it has no words (empty, or
     code only): such an answer has no reading level.

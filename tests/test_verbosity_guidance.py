@@ -1,26 +1,58 @@
-"""The verbosity slider's end-token push: its size per level, and which tokens end an answer."""
+"""The verbosity slider's end push: its size per level, where an answer ends a sentence, which tokens end one."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
-from steerserve.verbosity_guidance import DEFAULT_VERBOSITY_STRENGTH, end_token_ids, verbosity_bias
+from steerserve.verbosity_guidance import DEFAULT_VERBOSITY_STRENGTH, EndGuide, end_guide_for, end_token_ids, push
 
 
 def test_push_falls_linearly_to_nothing_at_the_top_level() -> None:
-    assert [verbosity_bias((2,), level, 6.0) for level in range(5)] == [
-        {2: 6.0}, {2: 4.5}, {2: 3.0}, {2: 1.5}, {}]
-    assert verbosity_bias((0, 2), 1, 2.0) == {0: 1.5, 2: 1.5}
-    assert verbosity_bias((2,), 0, 0.0) == {}
-    assert verbosity_bias((2,), 0) == {2: DEFAULT_VERBOSITY_STRENGTH}
+    assert [push(level, 6.0) for level in range(5)] == [6.0, 4.5, 3.0, 1.5, 0.0]
+    assert push(0, 0.0) == 0.0 and push(0) == DEFAULT_VERBOSITY_STRENGTH
+
+
+@pytest.fixture(scope="module")
+def guide(tiny_model_dir: Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    return tokenizer, end_guide_for(tokenizer)
+
+
+@pytest.mark.parametrize(("text", "ends"), [
+    ("It is done.", True), ("It is done.\n\n", True), ('He said "go."', True), ("Really?", True),
+    ("**Done.**\n", True), ("Wow!", True),
+    ("Consider the following:\n\n", False), ("Here are the tips:\n\n1.", False), ("Pi is about 3.", False),
+    ("It is done", False), ("", False),
+])
+def test_a_push_waits_for_a_finished_sentence(guide: tuple, text: str, ends: bool) -> None:
+    """Mid-sentence, after a colon or a list number the end token is left alone: the push only brings forward an
+    end the model saw coming after a full stop."""
+    tokenizer, end_guide = guide
+    assert end_guide.at_sentence_end(tokenizer.encode(text, add_special_tokens=False)) is ends
+
+
+def test_the_samplers_push_the_end_token_only_at_a_sentence_end(guide: tuple) -> None:
+    from steerserve.server.engines.base import EndPush, SamplingOptions
+    from steerserve.server.engines.sampling import adjust_logits
+
+    tokenizer, end_guide = guide
+    options = SamplingOptions(max_tokens=8, end_push=EndPush(end_guide, 4.5, 1, 6.0))
+    assert options.adjusts_logits
+    for text, pushed in (("Done.", 4.5), ("Done", 0.0)):
+        logits = torch.zeros(len(tokenizer))
+        adjust_logits(logits, [1], tokenizer.encode(text, add_special_tokens=False), options, end_guide.end_ids)
+        assert logits[list(end_guide.end_ids)].tolist() == [pushed] * len(end_guide.end_ids)
+        assert logits.sum().item() == pushed * len(end_guide.end_ids)
 
 
 def test_end_tokens_are_the_tokenizers_and_the_generation_configs(tiny_model_dir: Path, tmp_path: Path) -> None:
-    import shutil
-
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -29,7 +61,9 @@ def test_end_tokens_are_the_tokenizers_and_the_generation_configs(tiny_model_dir
     shutil.copytree(tiny_model_dir, copy)
     other = 1 if tokenizer.eos_token_id != 1 else 3
     (copy / "generation_config.json").write_text(json.dumps({"eos_token_id": [tokenizer.eos_token_id, other]}))
-    assert end_token_ids(AutoTokenizer.from_pretrained(copy)) == tuple(sorted({tokenizer.eos_token_id, other}))
+    both = AutoTokenizer.from_pretrained(copy)
+    assert end_token_ids(both) == tuple(sorted({tokenizer.eos_token_id, other}))
+    assert isinstance(end_guide_for(both), EndGuide) and end_guide_for(both).end_ids == end_token_ids(both)
 
 
 @pytest.mark.parametrize("strength", [-1.0, 10.5])

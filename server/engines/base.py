@@ -23,6 +23,8 @@ from steerserve.precision import Precision
 if TYPE_CHECKING:
     import torch
 
+    from steerserve.verbosity_guidance import EndGuide
+
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
@@ -110,6 +112,18 @@ class LogitBias:
         return torch.tensor(self.ids, dtype=torch.long), torch.tensor(self.values, dtype=torch.float32)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class EndPush:
+    """The verbosity slider's push (:mod:`steerserve.verbosity_guidance`): ``logits`` added to the guide's
+    end-of-turn tokens at the steps where the answer so far ends a sentence."""
+
+    guide: EndGuide
+    logits: float
+    verbosity: int
+    strength: float
+    """The level and strength it was made from: what vLLM's processor receives instead of the guide."""
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingOptions:
     """OpenAI sampling fields, already validated."""
@@ -127,9 +141,11 @@ class SamplingOptions:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: LogitBias | None = None
-    """The caller's ``logit_bias``, plus the verbosity slider's end-token push where on (a few entries)."""
+    """The caller's ``logit_bias``."""
     guidance: LogitBias | None = None
     """The complexity slider's reading-level bias (None at level 4 or with guidance off)."""
+    end_push: EndPush | None = None
+    """The verbosity slider's push on the end-of-turn token at sentence ends (None at level 4 or when off)."""
 
     @functools.cached_property
     def total_logit_bias(self) -> LogitBias | None:
@@ -148,7 +164,8 @@ class SamplingOptions:
     @property
     def adjusts_logits(self) -> bool:
         """Whether the logits change before the argmax: a logit bias or any penalty."""
-        return self.penalized or self.min_tokens > 0 or bool(self.total_logit_bias and self.total_logit_bias.ids)
+        return (self.penalized or self.min_tokens > 0 or self.end_push is not None
+                or bool(self.total_logit_bias and self.total_logit_bias.ids))
 
 
 @dataclasses.dataclass(frozen=True)

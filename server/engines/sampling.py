@@ -40,8 +40,9 @@ def apply_penalties(logits: torch.Tensor, prompt_ids: Seq[int], output_ids: Seq[
 
 def adjust_logits(logits: torch.Tensor, prompt_ids: Seq[int], output_ids: Seq[int],
                   options: SamplingOptions, eos_ids: Iterable[int] = ()) -> None:
-    """One row of float32 ``logits`` biased, then penalised, in place (vLLM's order); the end-of-sequence
-    tokens masked while the output is shorter than ``min_tokens`` (as vLLM's min-tokens processor does)."""
+    """One row of float32 ``logits`` biased (the verbosity slider's end push with the bias), then penalised, in
+    place (vLLM's order); the end-of-sequence tokens masked while the output is shorter than ``min_tokens`` (as
+    vLLM's min-tokens processor does)."""
     if len(output_ids) < options.min_tokens and not options.ignore_eos:
         ends = [i for i in eos_ids if i < logits.shape[-1]]
         logits[ends] = float("-inf")
@@ -50,6 +51,9 @@ def adjust_logits(logits: torch.Tensor, prompt_ids: Seq[int], output_ids: Seq[in
         ids, values = bias.tensors
         keep = ids < logits.shape[-1]
         logits[ids[keep]] += values[keep]
+    push = options.end_push
+    if push is not None and push.guide.at_sentence_end(output_ids):
+        logits[[i for i in push.guide.end_ids if i < logits.shape[-1]]] += push.logits
     if options.penalized:
         apply_penalties(logits, prompt_ids, output_ids, options)
 

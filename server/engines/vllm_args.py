@@ -148,6 +148,9 @@ def lora_rank_slot(rank: int) -> int:
 
 READING_LEVEL_PROCESSOR = "steerserve.server.engines.vllm_reading_level:ReadingLevelLogitsProcessor"
 """The reading-level guidance processor, by the name vLLM loads it with in its engine process."""
+VERBOSITY_PROCESSOR = "steerserve.server.engines.vllm_verbosity:VerbosityLogitsProcessor"
+"""The verbosity slider's end-push processor; installed on every engine (an adapter on the engine may push even
+where its base does not), idle while no request asks for it."""
 
 
 def engine_kwargs(config: EngineConfig, platform: VLLMPlatform, lora: LoRASlots | None = None) -> dict[str, Any]:
@@ -175,8 +178,8 @@ def engine_kwargs(config: EngineConfig, platform: VLLMPlatform, lora: LoRASlots 
         # taking the variant down for everyone. (tests/server/test_reliability.py reproduces it.)
         kwargs["enable_chunked_prefill"] = False
     kwargs.update(_quantization(config.precision, platform))
-    if config.reading_level_guidance > 0:
-        kwargs["logits_processors"] = [READING_LEVEL_PROCESSOR]
+    kwargs["logits_processors"] = [READING_LEVEL_PROCESSOR] if config.reading_level_guidance > 0 else []
+    kwargs["logits_processors"].append(VERBOSITY_PROCESSOR)
     if lora is not None:
         kwargs.update(enable_lora=True, max_lora_rank=lora.max_lora_rank)
         kwargs["max_loras"] = kwargs["max_cpu_loras"] = _lora_slot_count(lora, platform)

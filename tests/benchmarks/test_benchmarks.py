@@ -317,6 +317,20 @@ def test_reading_grade_is_the_prose_s() -> None:
     assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
 
 
+@pytest.mark.parametrize(("text", "unfinished"), [
+    ("It is done.", False), ('He said "go."\n', False), ("**Done!**", False), ("```python\nx = 1\n```", False),
+    ("Consider the following:", True), ("The secret that no one had ever discovered", True), ("1, 2, 3,", True),
+    ("(see above)", True), ("", False),
+])
+def test_unfinished_answers_end_on_a_word_or_a_colon(text: str, unfinished: bool) -> None:
+    from steerserve.benchmarks.steerability import _unfinished
+    from steerserve.measures import ends_unfinished
+
+    assert ends_unfinished(text) is unfinished
+    answers = [{"text": text, "finish_reason": "stop"}, {"text": "Cut at the cap", "finish_reason": "length"}]
+    assert _unfinished(answers) == float(unfinished)  # answers cut at the cap are not counted
+
+
 def test_parse_metrics() -> None:
     text = ('# HELP x\nsteerserve:process_tree_resident_memory_bytes 1.5e+08\n'
             'steerserve:model_weight_bytes{model_name="a:bf16",precision="bf16",engine="vllm"} 2.0e+06\n')

@@ -19,6 +19,7 @@ from steerserve.server.engines.base import EngineConfig, EngineError
 from steerserve.server.engines.vllm_args import (
     LORA_RANKS,
     READING_LEVEL_PROCESSOR,
+    VERBOSITY_PROCESSOR,
     LoRASlots,
     VLLMPlatform,
     check_parallel,
@@ -117,14 +118,18 @@ def test_bitsandbytes_precisions_compute_in_float32_where_bf16_is_emulated() -> 
     assert compute_dtype_name(Precision.GPTQ_W4, on_cpu=True, native_bf16=False) == "bfloat16"
 
 
-def test_the_reading_level_processor_runs_only_where_guidance_is_on() -> None:
-    assert "logits_processors" not in engine_kwargs(config(), CPU)
-    assert engine_kwargs(config(reading_level_guidance=2.0), CPU)["logits_processors"] == [READING_LEVEL_PROCESSOR]
-    module, name = READING_LEVEL_PROCESSOR.split(":")
+def test_the_reading_level_processor_runs_only_where_guidance_is_on_the_verbosity_one_always() -> None:
+    """The verbosity processor idles unless a request asks for a push, and an adapter on the engine may push
+    where its base does not, so every engine has it."""
+    assert engine_kwargs(config(), CPU)["logits_processors"] == [VERBOSITY_PROCESSOR]
+    assert engine_kwargs(config(reading_level_guidance=2.0), CPU)["logits_processors"] == [
+        READING_LEVEL_PROCESSOR, VERBOSITY_PROCESSOR]
     pytest.importorskip("vllm")
     from vllm.v1.sample.logits_processor import LogitsProcessor
 
-    assert issubclass(getattr(importlib.import_module(module), name), LogitsProcessor)  # vLLM's loader finds it
+    for processor in (READING_LEVEL_PROCESSOR, VERBOSITY_PROCESSOR):
+        module, name = processor.split(":")
+        assert issubclass(getattr(importlib.import_module(module), name), LogitsProcessor)  # vLLM's loader finds it
 
 
 def test_extra_engine_args_override_everything() -> None:

@@ -15,6 +15,7 @@ from steerserve.server.engines.base import (
     ContextLengthExceeded,
     EngineConfig,
     EngineNotReady,
+    EndPush,
     EngineRequest,
     GenerationDelta,
     LogitBias,
@@ -25,6 +26,7 @@ pytest.importorskip("vllm")
 from steerserve.server.engines.vllm_args import detect_platform  # noqa: E402
 from steerserve.server.engines.vllm_engine import VLLMEngine, _sampling_params, checkpoint_weight_bytes  # noqa: E402
 from steerserve.server.engines.vllm_reading_level import READING_LEVEL_ARG  # noqa: E402
+from steerserve.server.engines.vllm_verbosity import VERBOSITY_ARG  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.asyncio(loop_scope="module")]
 
@@ -168,6 +170,29 @@ async def test_reading_level_guidance_runs_inside_vllm(engine: VLLMEngine, promp
     forced = LogitBias.of({prompt_ids[-1]: 100.0})
     on_top = await text("rl-forced", guidance=guided, logit_bias=forced)
     assert on_top == await text("rl-forced-map", logit_bias=as_map.merged(forced))
+
+
+async def test_verbosity_push_runs_inside_vllm(engine: VLLMEngine, prompt_ids: list[int], tiny_model_dir: Path) -> None:
+    """The verbosity push reaches vLLM's processor as (level, strength) and acts on each request's own output: with
+    "." forced by 100 logits and the end token held 5 below it, a push of 10 ends the answer after the first full
+    stop; unpushed requests beside it in the batch run on to max_tokens."""
+    from transformers import AutoTokenizer
+
+    from steerserve.verbosity_guidance import end_guide_for
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    guide = end_guide_for(tokenizer)
+    stop, eos = tokenizer.convert_tokens_to_ids("."), tokenizer.eos_token_id
+    args = dict(max_tokens=8, temperature=0.0, logit_bias=LogitBias.of({stop: 100.0, eos: 95.0}))
+    pushed = dict(min_tokens=1, end_push=EndPush(guide, 10.0, 0, 10.0))
+    assert _sampling_params(SamplingOptions(**args, **pushed), n=1).extra_args == {VERBOSITY_ARG: [0, 10.0]}
+
+    async def answer(rid: str, **options) -> tuple[str, str | None]:
+        deltas = await collect(engine, request(prompt_ids, rid, **args, **options))
+        return text_of(deltas), deltas[-1].finish_reason
+
+    batch = await asyncio.gather(*(answer(f"vp{i}", **(pushed if i % 2 else {})) for i in range(6)))
+    assert batch == [("." * 8, "length"), (".", "stop")] * 3
 
 
 async def test_guidance_travels_as_level_and_strength_only_where_the_processor_runs(tiny_model_dir: Path) -> None:

@@ -231,10 +231,11 @@ def test_min_tokens_holds_back_the_end_token(client, tiny_model_dir: Path) -> No
     assert err.value.body["param"] == "min_tokens"
 
 
-def test_verbosity_guidance_pushes_the_end_token(tiny_model_dir: Path) -> None:
-    """Below verbosity 4 the slider raises the end-of-turn token's logit by strength * (4 - level) / 4 with at
-    least one token first: exactly the caller's own logit_bias and min_tokens 1 on an unguided variant. At 4 (the
-    default) the answer is the model's own. --verbosity-guidance sets the server's strength, a variant's
+def test_verbosity_guidance_pushes_the_end_token_at_sentence_ends(tiny_model_dir: Path) -> None:
+    """Below verbosity 4 the slider raises the end-of-turn token by strength * (4 - level) / 4 logits right after
+    a finished sentence: with "." forced by 100 logits and the end token held 5 below it, a push of more than 5
+    ends the answer after its first full stop, while with less, or none, the stops run on to max_tokens. At 4 (the default) the
+    answer is the model's own. --verbosity-guidance sets the server's strength, a variant's
     verbosity_guidance=0 turns it off for that variant alone."""
     from live_server import LiveServer
     from transformers import AutoTokenizer
@@ -242,7 +243,8 @@ def test_verbosity_guidance_pushes_the_end_token(tiny_model_dir: Path) -> None:
     from steerserve.cli import serve_settings
     from steerserve.server.app import create_app
 
-    eos = AutoTokenizer.from_pretrained(tiny_model_dir).eos_token_id
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    stop, eos = tokenizer.convert_tokens_to_ids("."), tokenizer.eos_token_id
     settings = serve_settings(["--engine", "transformers", "--max-model-len", "512", "--verbosity-guidance", "10",
                                "--model", f"{tiny_model_dir},name=plain,verbosity_guidance=0",
                                "--model", f"{tiny_model_dir},name=guided"])
@@ -257,10 +259,12 @@ def test_verbosity_guidance_pushes_the_end_token(tiny_model_dir: Path) -> None:
                 extra_body={"attributes": {"verbosity": verbosity}, **extra})
             return reply.choices[0].message.content, reply.usage.completion_tokens, reply.choices[0].finish_reason
 
-        pushed = answer("guided:bf16", 0)
-        assert pushed == answer("plain:bf16", 0, logit_bias={str(eos): 10.0}, min_tokens=1)
-        assert pushed[1:] == (2, "stop")  # one token, then the end: ten logits outweigh a random model's choice
-        assert answer("guided:bf16", 3) == answer("plain:bf16", 3, logit_bias={str(eos): 2.5}, min_tokens=1)
+        stops = {"logit_bias": {str(stop): 100, str(eos): 95}}
+        assert answer("guided:bf16", 0, **stops) == (".", 2, "stop")
+        assert answer("guided:bf16", 1, **stops) == (".", 2, "stop")  # 7.5 logits
+        assert answer("guided:bf16", 3, **stops) == ("." * 16, 16, "length")  # 2.5: less than the 5 held back
+        assert answer("plain:bf16", 0, **stops) == ("." * 16, 16, "length")
+        assert answer("guided:bf16", 4, **stops) == ("." * 16, 16, "length")
         assert answer("guided:bf16", 4) == answer("plain:bf16", 4)
 
 
