@@ -11,6 +11,7 @@ import asyncio
 import json
 import math
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -165,6 +166,26 @@ def test_logit_bias_from_the_openai_sdk_forces_and_bans_tokens(client, tiny_mode
     assert first not in tokenizer(banned, add_special_tokens=False).input_ids
 
 
+@contextmanager
+def plain_and_guided(tiny_model_dir: Path, setting: str, strength: float) -> Iterator[openai.OpenAI]:
+    """A transformers server with the tiny model twice: ``plain`` with ``setting``=0 and ``guided`` at the
+    server's strength, set by the setting's flag; the model cards must say so."""
+    from live_server import LiveServer
+
+    from steerserve.cli import serve_settings
+    from steerserve.server.app import create_app
+
+    settings = serve_settings(["--engine", "transformers", "--max-model-len", "512",
+                               f"--{setting.replace('_', '-')}", str(strength),
+                               "--model", f"{tiny_model_dir},name=plain,{setting}=0",
+                               "--model", f"{tiny_model_dir},name=guided"])
+    with LiveServer(create_app(settings)) as live:
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        cards = {card.id: card.model_dump()[setting] for card in client.models.list().data}
+        assert cards == {"plain:bf16": 0.0, "guided:bf16": strength}
+        yield client
+
+
 def test_complexity_slider_pushes_decoding_toward_plain_text(client, tiny_model_dir: Path) -> None:
     """Below complexity 4 the reading-level bias favours sentence ends and penalises long words; at 4 (the
     default) the answer is the model's own."""
@@ -192,19 +213,7 @@ def test_complexity_slider_pushes_decoding_toward_plain_text(client, tiny_model_
 def test_guidance_strength_from_the_cli_and_per_variant(tiny_model_dir: Path) -> None:
     """--reading-level-guidance sets the server's strength; a variant's reading_level_guidance=0 turns it off
     for that variant alone, whose complexity-0 answer is then the prompt's doing only."""
-    from live_server import LiveServer
-
-    from steerserve.cli import serve_settings
-    from steerserve.server.app import create_app
-
-    settings = serve_settings(["--engine", "transformers", "--max-model-len", "512", "--reading-level-guidance", "3",
-                               "--model", f"{tiny_model_dir},name=plain,reading_level_guidance=0",
-                               "--model", f"{tiny_model_dir},name=guided"])
-    with LiveServer(create_app(settings)) as live:
-        client = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-        cards = {card.id: card.model_dump()["reading_level_guidance"] for card in client.models.list().data}
-        assert cards == {"plain:bf16": 0.0, "guided:bf16": 3.0}
-
+    with plain_and_guided(tiny_model_dir, "reading_level_guidance", 3.0) as client:
         def answer(model: str, complexity: int) -> str:
             return client.chat.completions.create(
                 model=model, messages=HELLO, max_tokens=12, temperature=0,
@@ -237,22 +246,11 @@ def test_verbosity_guidance_pushes_the_end_token_at_sentence_ends(tiny_model_dir
     ends the answer after its first full stop, while with less, or none, the stops run on to max_tokens. At 4 (the default) the
     answer is the model's own. --verbosity-guidance sets the server's strength, a variant's
     verbosity_guidance=0 turns it off for that variant alone."""
-    from live_server import LiveServer
     from transformers import AutoTokenizer
-
-    from steerserve.cli import serve_settings
-    from steerserve.server.app import create_app
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     stop, eos = tokenizer.convert_tokens_to_ids("."), tokenizer.eos_token_id
-    settings = serve_settings(["--engine", "transformers", "--max-model-len", "512", "--verbosity-guidance", "10",
-                               "--model", f"{tiny_model_dir},name=plain,verbosity_guidance=0",
-                               "--model", f"{tiny_model_dir},name=guided"])
-    with LiveServer(create_app(settings)) as live:
-        client = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-        cards = {card.id: card.model_dump()["verbosity_guidance"] for card in client.models.list().data}
-        assert cards == {"plain:bf16": 0.0, "guided:bf16": 10.0}
-
+    with plain_and_guided(tiny_model_dir, "verbosity_guidance", 10.0) as client:
         def answer(model: str, verbosity: int, **extra) -> tuple[str, int, str]:
             reply = client.chat.completions.create(
                 model=model, messages=HELLO, max_tokens=16, temperature=0,
