@@ -106,9 +106,8 @@ class Variant:
         is off."""
         if self.end_guide is None or attributes is None:
             return None
-        level = resolve_attributes(attributes)["verbosity"]
-        logits = self.end_guide.push(level, self.verbosity_guidance)
-        return EndPush(self.end_guide, logits, level, self.verbosity_guidance) if logits > 0 else None
+        end_push = EndPush(self.end_guide, resolve_attributes(attributes)["verbosity"], self.verbosity_guidance)
+        return end_push if end_push.logits > 0 else None
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of a rendered prompt; no second BOS when the template wrote one."""

@@ -9,8 +9,8 @@ after a finished sentence (the last token that is not white space ends in ``.``,
 or brackets allowed)::
 
     guide = end_guide_for(tokenizer)
-    guide.push(verbosity=0, strength=6.0)             # 6.0 logits on the end-of-turn token(s)
-    guide.push(verbosity=4, strength=6.0)             # 0.0: the model's own length, untouched
+    push(verbosity=0, strength=6.0)                   # 6.0 logits on the end-of-turn token(s)
+    push(verbosity=4, strength=6.0)                   # 0.0: the model's own length, untouched
     guide.at_sentence_end(output_ids)                 # whether this step may be pushed
 
 An ungated push of the same size ended a quarter of the level-0 answers mid-sentence or on a colon ("consider the
@@ -77,9 +77,6 @@ class EndGuide:
             elif text.strip().isdigit():
                 numbers.add(token)
         return cls(end_token_ids(tokenizer), frozenset(ends), frozenset(blanks), frozenset(numbers))
-
-    def push(self, verbosity: int, strength: float = DEFAULT_VERBOSITY_STRENGTH) -> float:
-        return push(verbosity, strength)
 
     def at_sentence_end(self, output_ids: Sequence[int]) -> bool:
         """Whether the answer so far ends a sentence (white space and closing marks after it allowed; not a

@@ -43,7 +43,7 @@ def test_the_samplers_push_the_end_token_only_at_a_sentence_end(guide: tuple) ->
     from steerserve.server.engines.sampling import adjust_logits
 
     tokenizer, end_guide = guide
-    options = SamplingOptions(max_tokens=8, end_push=EndPush(end_guide, 4.5, 1, 6.0))
+    options = SamplingOptions(max_tokens=8, end_push=EndPush(end_guide, 1, 6.0))
     assert options.adjusts_logits
     for text, pushed in (("Done.", 4.5), ("Done", 0.0)):
         logits = torch.zeros(len(tokenizer))

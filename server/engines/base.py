@@ -114,14 +114,19 @@ class LogitBias:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class EndPush:
-    """The verbosity slider's push (:mod:`steerserve.verbosity_guidance`): ``logits`` added to the guide's
-    end-of-turn tokens at the steps where the answer so far ends a sentence."""
+    """The verbosity slider's push (:mod:`steerserve.verbosity_guidance`): :attr:`logits` added to the guide's
+    end-of-turn tokens at the steps where the answer so far ends a sentence. vLLM's processor receives the level
+    and strength alone and holds its own guide."""
 
     guide: EndGuide
-    logits: float
     verbosity: int
     strength: float
-    """The level and strength it was made from: what vLLM's processor receives instead of the guide."""
+
+    @functools.cached_property
+    def logits(self) -> float:
+        from steerserve.verbosity_guidance import push
+
+        return push(self.verbosity, self.strength)
 
 
 @dataclasses.dataclass(frozen=True)

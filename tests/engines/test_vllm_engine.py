@@ -184,7 +184,7 @@ async def test_verbosity_push_runs_inside_vllm(engine: VLLMEngine, prompt_ids: l
     guide = end_guide_for(tokenizer)
     stop, eos = tokenizer.convert_tokens_to_ids("."), tokenizer.eos_token_id
     args = dict(max_tokens=8, temperature=0.0, logit_bias=LogitBias.of({stop: 100.0, eos: 95.0}))
-    pushed = dict(min_tokens=1, end_push=EndPush(guide, 10.0, 0, 10.0))
+    pushed = dict(end_push=EndPush(guide, 0, 10.0))
     assert _sampling_params(SamplingOptions(**args, **pushed), n=1).extra_args == {VERBOSITY_ARG: [0, 10.0]}
 
     async def answer(rid: str, **options) -> tuple[str, str | None]:
