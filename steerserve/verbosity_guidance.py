@@ -62,7 +62,8 @@ class EndGuide:
     """Digit-only tokens: a bare mark after one is a list number or a decimal point ("1.", "3."), not an end."""
 
     @classmethod
-    def from_tokenizer(cls, tokenizer: Any) -> EndGuide:
+    def from_tokenizer(cls, tokenizer: Any, end_ids: tuple[int, ...] | None = None) -> EndGuide:
+        """The guide of ``tokenizer``'s vocabulary; ``end_ids`` where the caller has read them already."""
         pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
         special = set(getattr(tokenizer, "all_special_ids", ()))
         ends, blanks, numbers = set(), set(), set()
@@ -76,7 +77,8 @@ class EndGuide:
                 ends.add(token)
             elif text.strip().isdigit():
                 numbers.add(token)
-        return cls(end_token_ids(tokenizer), frozenset(ends), frozenset(blanks), frozenset(numbers))
+        end_ids = end_token_ids(tokenizer) if end_ids is None else end_ids
+        return cls(end_ids, frozenset(ends), frozenset(blanks), frozenset(numbers))
 
     def at_sentence_end(self, output_ids: Sequence[int]) -> bool:
         """Whether the answer so far ends a sentence (white space and closing marks after it allowed; not a
@@ -109,7 +111,8 @@ _GUIDES: dict[int, EndGuide] = {}
 
 def end_guide_for(tokenizer: Any) -> EndGuide:
     """One guide per vocabulary and end tokens, shared by the server's variants and adapters."""
-    key = hash((frozenset(tokenizer.get_vocab().items()), end_token_ids(tokenizer)))
+    end_ids = end_token_ids(tokenizer)  # reads generation_config.json: once per call
+    key = hash((frozenset(tokenizer.get_vocab().items()), end_ids))
     if key not in _GUIDES:
-        _GUIDES[key] = EndGuide.from_tokenizer(tokenizer)
+        _GUIDES[key] = EndGuide.from_tokenizer(tokenizer, end_ids)
     return _GUIDES[key]
