@@ -40,6 +40,10 @@ from steerserve.staging import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
+CLOSING_MARKS = "\"'”’)]*_"
+"""What may follow a sentence's last word and mark: closing quotes, brackets and emphasis ("end.", '"end."',
+"**end.**"). Both what counts as a finished answer here and where verbosity guidance may end one read it."""
+
 
 def chars(text: str) -> int:
     """Answer length in characters, surrounding whitespace excluded (the HelpSteer paper's length measure)."""
@@ -111,7 +115,7 @@ def ends_unfinished(text: str) -> bool:
     brackets and emphasis marks aside) is a letter, a digit, a colon, comma or semicolon, as in "consider the
     following:". A closed code block, a sentence mark or any other symbol counts as finished. What verbosity
     guidance must not cause when it ends answers early (``steerserve bench steerability`` reports it)."""
-    end = text.rstrip().rstrip("\"')]*_ \n\t")
+    end = text.rstrip().rstrip(CLOSING_MARKS + " \n\t")
     return bool(end) and (end[-1].isalnum() or end[-1] in ":,;")
 
 

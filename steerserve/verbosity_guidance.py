@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from steerserve.attributes import MAX_LEVEL
+from steerserve.measures import CLOSING_MARKS
 from steerserve.reading_level import piece_text
 
 DEFAULT_VERBOSITY_STRENGTH = 6.0
@@ -39,8 +40,7 @@ at verbosity 0 -> 4 of 322 -> 540 -> 1053 -> 1154 -> 1277 at strength 6, 272 -> 
 (one answer there ended before its first word) and 336 -> 771 -> 944 -> 1241 -> 1495 at 4; the 80-prompt sweeps:
 benchmarks/results/verbosity-guidance/."""
 
-_CLOSERS = "\"'”’)]*_"
-_SENTENCE_END = re.compile(rf"[.!?][{re.escape(_CLOSERS)}]*$")  # "end.", 'end."', "end.)", "**end.**"
+_SENTENCE_END = re.compile(rf"[.!?][{re.escape(CLOSING_MARKS)}]*$")  # "end.", 'end."', "end.)", "**end.**"
 
 
 def push(verbosity: int, strength: float = DEFAULT_VERBOSITY_STRENGTH) -> float:
@@ -71,7 +71,7 @@ class EndGuide:
             text = piece_text(piece or "")
             if token in special or not text:
                 continue
-            if text.isspace() or not text.strip(_CLOSERS + " \n\t"):
+            if text.isspace() or not text.strip(CLOSING_MARKS + " \n\t"):
                 blanks.add(token)
             elif _SENTENCE_END.search(text.rstrip()):
                 ends.add(token)

@@ -318,9 +318,9 @@ def test_reading_grade_is_the_prose_s() -> None:
 
 
 @pytest.mark.parametrize(("text", "unfinished"), [
-    ("It is done.", False), ('He said "go."\n', False), ("**Done!**", False), ("```python\nx = 1\n```", False),
-    ("Consider the following:", True), ("The secret that no one had ever discovered", True), ("1, 2, 3,", True),
-    ("(see above)", True), ("", False),
+    ("It is done.", False), ('He said "go."\n', False), ("**Done!**", False), ("She said “stop.”", False),
+    ("```python\nx = 1\n```", False), ("Consider the following:", True),
+    ("The secret that no one had ever discovered", True), ("1, 2, 3,", True), ("(see above)", True), ("", False),
 ])
 def test_unfinished_answers_end_on_a_word_or_a_colon(text: str, unfinished: bool) -> None:
     from steerserve.benchmarks.steerability import _unfinished
