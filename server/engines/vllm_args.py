@@ -153,6 +153,24 @@ VERBOSITY_PROCESSOR = "steerserve.server.engines.vllm_verbosity:VerbosityLogitsP
 where its base does not), idle while no request asks for it."""
 
 
+def slider_extra_arg(extra_args: dict[str, Any] | None, key: str, slider: str) -> tuple[int, float] | None:
+    """A guided slider's ``[level 0-4, strength >= 0]`` as one of our processors receives it in
+    ``SamplingParams.extra_args[key]``; None where the request carries none. A malformed value raises ValueError,
+    which vLLM reports when the request is added (the processors' ``validate_params``)."""
+    value = (extra_args or {}).get(key)
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        try:
+            level, strength = int(value[0]), float(value[1])
+        except (TypeError, ValueError):
+            pass
+        else:
+            if 0 <= level <= 4 and strength >= 0:
+                return level, strength
+    raise ValueError(f"{key} must be [{slider} 0-4, strength >= 0], got {value!r}")
+
+
 def engine_kwargs(config: EngineConfig, platform: VLLMPlatform, lora: LoRASlots | None = None) -> dict[str, Any]:
     """``AsyncEngineArgs`` keyword arguments for one variant; ``config.extra`` overrides any of them."""
     check_parallel(config.tensor_parallel_size, config.pipeline_parallel_size, platform)

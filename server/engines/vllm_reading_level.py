@@ -21,6 +21,8 @@ import torch
 from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, process_dict_updates
 
+from steerserve.server.engines.vllm_args import slider_extra_arg
+
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
@@ -31,11 +33,8 @@ READING_LEVEL_ARG = "steerserve_reading_level"
 
 def reading_level_of(params: SamplingParams) -> tuple[int, float] | None:
     """A request's ``(level, strength)``, or None where it asks for no guidance."""
-    value = (params.extra_args or {}).get(READING_LEVEL_ARG)
-    if value is None:
-        return None
-    level, strength = value
-    return (int(level), float(strength)) if float(strength) > 0 and int(level) < 4 else None
+    pair = slider_extra_arg(params.extra_args, READING_LEVEL_ARG, "complexity")
+    return pair if pair is not None and pair[1] > 0 and pair[0] < 4 else None
 
 
 class ReadingLevelLogitsProcessor(LogitsProcessor):
@@ -43,12 +42,7 @@ class ReadingLevelLogitsProcessor(LogitsProcessor):
 
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
-        value = (sampling_params.extra_args or {}).get(READING_LEVEL_ARG)
-        if value is None:
-            return
-        if not (isinstance(value, (list, tuple)) and len(value) == 2 and 0 <= int(value[0]) <= 4
-                and float(value[1]) >= 0):
-            raise ValueError(f"{READING_LEVEL_ARG} must be [complexity 0-4, strength >= 0], got {value!r}")
+        slider_extra_arg(sampling_params.extra_args, READING_LEVEL_ARG, "complexity")
 
     def __init__(self, vllm_config: VllmConfig, device: torch.device, is_pin_memory: bool) -> None:
         from transformers import AutoTokenizer

@@ -19,6 +19,7 @@ import torch
 from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, process_dict_updates
 
+from steerserve.server.engines.vllm_args import slider_extra_arg
 from steerserve.verbosity_guidance import push
 
 if TYPE_CHECKING:
@@ -31,8 +32,8 @@ VERBOSITY_ARG = "steerserve_verbosity"
 
 def verbosity_of(params: SamplingParams) -> float:
     """The logits a request's end push adds at a sentence end; 0 where it asks for none."""
-    value = (params.extra_args or {}).get(VERBOSITY_ARG)
-    return 0.0 if value is None else push(int(value[0]), float(value[1]))
+    pair = slider_extra_arg(params.extra_args, VERBOSITY_ARG, "verbosity")
+    return 0.0 if pair is None else push(*pair)
 
 
 class VerbosityLogitsProcessor(LogitsProcessor):
@@ -40,12 +41,7 @@ class VerbosityLogitsProcessor(LogitsProcessor):
 
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
-        value = (sampling_params.extra_args or {}).get(VERBOSITY_ARG)
-        if value is None:
-            return
-        if not (isinstance(value, (list, tuple)) and len(value) == 2 and 0 <= int(value[0]) <= 4
-                and float(value[1]) >= 0):
-            raise ValueError(f"{VERBOSITY_ARG} must be [verbosity 0-4, strength >= 0], got {value!r}")
+        slider_extra_arg(sampling_params.extra_args, VERBOSITY_ARG, "verbosity")
 
     def __init__(self, vllm_config: VllmConfig, device: torch.device, is_pin_memory: bool) -> None:
         from transformers import AutoTokenizer

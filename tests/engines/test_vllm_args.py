@@ -26,6 +26,7 @@ from steerserve.server.engines.vllm_args import (
     engine_kwargs,
     lora_rank_slot,
     precision_unavailable,
+    slider_extra_arg,
 )
 from steerserve.server.engines.weights import checkpoint_weight_bytes
 
@@ -130,6 +131,14 @@ def test_the_reading_level_processor_runs_only_where_guidance_is_on_the_verbosit
     for processor in (READING_LEVEL_PROCESSOR, VERBOSITY_PROCESSOR):
         module, name = processor.split(":")
         assert issubclass(getattr(importlib.import_module(module), name), LogitsProcessor)  # vLLM's loader finds it
+
+
+@pytest.mark.parametrize("bad", [[5, 1.0], [0, -1.0], [0], "03", [0, "strong"], {"level": 0}, [None, 1.0]])
+def test_a_malformed_slider_arg_names_its_key_and_slider(bad: object) -> None:
+    assert slider_extra_arg({"k": [0, 6]}, "k", "verbosity") == (0, 6.0)
+    assert slider_extra_arg(None, "k", "verbosity") is None and slider_extra_arg({"j": bad}, "k", "x") is None
+    with pytest.raises(ValueError, match=r"k must be \[verbosity 0-4, strength >= 0\]"):
+        slider_extra_arg({"k": bad}, "k", "verbosity")
 
 
 def test_extra_engine_args_override_everything() -> None:
