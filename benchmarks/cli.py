@@ -8,7 +8,8 @@ and on transformers) is started as its own ``steerserve serve`` process, once
 for all selected benchmarks, then stopped; references run after the last server.
 A ``SUMMARY.md`` gathers every table of the run. Steerability and MCQ keep each finished variant under
 ``OUTPUT/.partial/``, steerability each answer too: the same command run again after an interruption measures
-only the rest. ``--rescore RESULT`` measures a finished steerability result's stored answers again (benchmarks.rescore).
+only the rest. ``--rescore RESULT...`` measures finished steerability results' stored answers again (joined into
+one table when several; benchmarks.rescore).
 """
 
 from __future__ import annotations
@@ -43,9 +44,10 @@ def _parser(modules: dict[str, ModuleType]) -> argparse.ArgumentParser:
                         help="a 'steerserve serve --model' spec to start (repeat); default: the default model "
                              "on vllm and on transformers")
     parser.add_argument("--server-arg", action="append", default=[], help="extra flag for started servers")
-    parser.add_argument("--rescore", type=Path, metavar="RESULT.json[.gz]",
-                        help="steerability only: measure a finished result's stored answers again with today's "
-                             "measures (no server) and write its outputs to --output")
+    parser.add_argument("--rescore", type=Path, nargs="+", metavar="RESULT.json[.gz]",
+                        help="steerability only: measure finished results' stored answers again with today's "
+                             "measures (no server) and write their outputs to --output; several are joined into "
+                             "one table, each variant cut to the prompts all of them answered")
     for module in modules.values():
         module.add_arguments(parser)
     return parser
@@ -93,12 +95,13 @@ def _rescore(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[
 
     if args.name != "steerability":
         parser.error("--rescore applies to the steerability benchmark only")
-    if not args.rescore.is_file():
-        parser.error(f"--rescore: no such file {args.rescore}")
+    for path in args.rescore:
+        if not path.is_file():
+            parser.error(f"--rescore: no such file {path}")
     try:
         return {"steerability": rescore(args.rescore, args.output, parser.parse_args(["steerability"]))}
     except (ValueError, KeyError, json.JSONDecodeError, OSError) as error:
-        parser.error(f"--rescore: {args.rescore}: {error}")
+        parser.error(f"--rescore: {' '.join(map(str, args.rescore))}: {error}")
 
 
 def main(argv: list[str]) -> int:

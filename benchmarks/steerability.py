@@ -305,6 +305,7 @@ def _guidance_note(results: dict[str, dict[str, Any]], slider: str) -> str:
 
 def _sweep_table(results: dict[str, dict[str, Any]], name: str, head: list[str]) -> str:
     """One slider's table: the measure per level, Spearman, the level-4 vs level-0 effect, the target check."""
+    results = swept(results, name)
     if name == "verbosity":
         title, effect = "Mean characters by **verbosity** level" + _guidance_note(results, name), "L4 / L0"
     else:
@@ -313,6 +314,11 @@ def _sweep_table(results: dict[str, dict[str, Any]], name: str, head: list[str])
             + markdown_table(["variant", *head, "Spearman ρ", effect, "monotone", "target", "truncated",
                               "unfinished L0-L4"],
                              _rows(results, name, SWEEPS[name]), 2))
+
+
+def swept(results: dict[str, dict[str, Any]], name: str) -> dict[str, dict[str, Any]]:
+    """The variants that swept slider ``name`` (results joined by ``--rescore`` may not all have)."""
+    return {label: r for label, r in results.items() if name in r["summary"]}
 
 
 def finish(results: dict[str, dict[str, Any]], refs: dict[str, Any],
@@ -331,7 +337,7 @@ def finish(results: dict[str, dict[str, Any]], refs: dict[str, Any],
     fig, axes = figure(len(args.sliders), width=5.0)
     for ax, name in zip(axes[0], args.sliders):
         measure = SWEEPS[name]
-        for label, r in results.items():
+        for label, r in swept(results, name).items():
             ax.plot(LEVELS, [r["summary"][name][measure][lvl] for lvl in LEVELS], marker="o", label=label)
         paper = PAPER[name][measure]
         ax.plot(list(paper), list(paper.values()), "k--", marker="s", label="paper (HelpSteer)")

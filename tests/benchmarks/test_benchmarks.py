@@ -188,6 +188,34 @@ def test_a_finished_result_is_measured_again_from_its_answers(bench_server, tmp_
     _refused(["steerability", "--rescore", str(tmp_path / "missing.json")], tmp_path / "bad")
 
 
+def test_results_are_joined_on_the_prompts_all_of_them_answered(bench_server, tmp_path: Path, data_files) -> None:
+    """--rescore A B writes one table: every variant cut to the prompts all answered (a longer reference beside a
+    shorter sweep), a shared label told apart by its source, each slider's table holding the variants that swept
+    it; results answered under another cap are refused."""
+    prompts, _ = data_files
+    sweep = ["steerability", "--quick", "--url", bench_server.url, "--prompts", str(prompts), "--answer-tokens", "8"]
+    assert main([*sweep, "--num-prompts", "2", "--sliders", "verbosity", "--output", str(tmp_path / "two")]) == 0
+    assert main([*sweep, "--num-prompts", "1", "--sliders", "complexity", "--output", str(tmp_path / "one")]) == 0
+    two, one = (tmp_path / name / "steerability.json" for name in ("two", "one"))
+    assert main(["steerability", "--rescore", str(two), str(one), "--output", str(tmp_path / "joined")]) == 0
+
+    joined = _outputs(tmp_path / "joined", "steerability")
+    label = "tiny:bf16 (transformers)"
+    assert list(joined["variants"]) == [label, f"{label} [one]"] and joined["config"]["num_prompts"] == 1
+    longer = json.loads(two.read_text())["variants"][label]
+    kept = joined["variants"][label]
+    assert kept["prompts"] == longer["prompts"][:1] == joined["variants"][f"{label} [one]"]["prompts"]
+    assert [a["text"] for a in kept["answers"]] == [a["text"] for a in longer["answers"] if a["prompt"] == 0]
+    assert len(longer["answers"]) == 2 * len(kept["answers"]) == 10 and set(kept["summary"]) == {"verbosity"}
+    verbosity_table, complexity_table = (tmp_path / "joined" / "steerability.md").read_text().split("**complexity**")
+    assert f"| {label} [one] |" not in verbosity_table and f"| {label} [one] |" in complexity_table
+
+    capped = json.loads(one.read_text())
+    capped["variants"][label]["max_tokens"] = 4
+    (tmp_path / "capped.json").write_text(json.dumps(capped))
+    _refused(["steerability", "--rescore", str(two), str(tmp_path / "capped.json")], tmp_path / "bad")
+
+
 def test_steerability_sampled_answers_are_seeded(bench_server, tmp_path: Path, data_files) -> None:
     """--temperature samples with seed + prompt index: the same command gives the same answers, unlike greedy."""
     prompts, _ = data_files
