@@ -31,7 +31,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from steerserve.measures import FK_MEASURE, chars, ends_unfinished, fk_grade, mean, spearman
+from steerserve.measures import FK_MEASURE, chars, ends_unfinished, fk_grade, mean, median, spearman
 from steerserve.benchmarks.partial import AnswerLog
 from steerserve.benchmarks.report import figure, markdown_table
 from steerserve.benchmarks.servers import BenchTarget
@@ -204,7 +204,8 @@ def target_check(name: str, per_level: dict[int, float]) -> dict[str, Any]:
 
 
 def summarize(answers: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per slider: mean chars / FKGL per level, Spearman of level with its own measure, the target check."""
+    """Per slider: mean chars / FKGL per level, the median of its own measure per level, Spearman of level with
+    that measure, the target check."""
     out: dict[str, Any] = {}
     for name, measure in SWEEPS.items():
         rows = [a for a in answers if a["slider"] == name]
@@ -214,6 +215,7 @@ def summarize(answers: list[dict[str, Any]]) -> dict[str, Any]:
             "measure": measure,
             "chars": {lvl: mean([a["chars"] for a in rows if a["level"] == lvl]) for lvl in LEVELS},
             "fkgl": {lvl: mean([a["fkgl"] for a in rows if a["level"] == lvl]) for lvl in LEVELS},
+            "median": {lvl: median([a[measure] for a in rows if a["level"] == lvl]) for lvl in LEVELS},
             "spearman": spearman([a["level"] for a in rows], [a[measure] for a in rows]),
             "truncated": sum(a["finish_reason"] == "length" for a in rows) / max(len(rows), 1),
             "unfinished": {lvl: _unfinished([a for a in rows if a["level"] == lvl]) for lvl in LEVELS},
@@ -276,10 +278,12 @@ def _rows(results: dict[str, dict[str, Any]], name: str, measure: str) -> list[l
                      "yes" if check["monotone"] else "no", "met" if check["met"] else "not met",
                      f"{summary['truncated']:.0%}",
                      " / ".join(f"{summary['unfinished'][lvl]:.0%}" for lvl in LEVELS)
-                     if "unfinished" in summary else "—"])  # results measured before it was: --rescore adds it
+                     if "unfinished" in summary else "—",  # results measured before it was: --rescore adds it
+                     " / ".join(f"{summary['median'][lvl]:.{0 if measure == 'chars' else 1}f}" for lvl in LEVELS)
+                     if "median" in summary else "—"])
     paper = PAPER[name][measure]
     paper_effect = (f"x{paper[4] / paper[0]:.2f}" if TARGETS[name][0] == "ratio" else f"{paper[4] - paper[0]:+.2f}")
-    rows.append(["paper (HelpSteer)", *(paper.get(lvl) for lvl in LEVELS), None, paper_effect, "", "", "", ""])
+    rows.append(["paper (HelpSteer)", *(paper.get(lvl) for lvl in LEVELS), None, paper_effect, "", "", "", "", ""])
     return rows
 
 
@@ -312,7 +316,7 @@ def _sweep_table(results: dict[str, dict[str, Any]], name: str, head: list[str])
         title, effect = "Mean Flesch-Kincaid grade by **complexity** level" + _guidance_note(results, name), "L4 - L0"
     return (f"\n{title}\n\n"
             + markdown_table(["variant", *head, "Spearman ρ", effect, "monotone", "target", "truncated",
-                              "unfinished L0-L4"],
+                              "unfinished L0-L4", "median L0-L4"],
                              _rows(results, name, SWEEPS[name]), 2))
 
 

@@ -177,6 +177,14 @@ def mean(values: Sequence[float]) -> float:
     return sum(kept) / len(kept) if kept else math.nan
 
 
+def median(values: Sequence[float]) -> float:
+    """Median of the non-NaN values (NaN if none): what one degenerate answer cannot move, where a mean can (a
+    looping 2,000-character "word" has a reading grade in the thousands)."""
+    kept = sorted(v for v in values if not math.isnan(v))
+    middle = len(kept) // 2
+    return math.nan if not kept else kept[middle] if len(kept) % 2 else (kept[middle - 1] + kept[middle]) / 2
+
+
 # Flesch-Kincaid grade at which complexity levels 1..4 start: grade 4 (end of early
 # elementary), 7 (middle school), 10 (high school), 13 (college and beyond).
 FK_GRADE_BOUNDS = (4.0, 7.0, 10.0, 13.0)

@@ -10,7 +10,7 @@ import pytest
 import textstat
 
 from steerserve.benchmarks.cli import main
-from steerserve.measures import FK_MEASURE, chars, fk_grade, prose_lines, ranks, spearman
+from steerserve.measures import FK_MEASURE, chars, fk_grade, median, prose_lines, ranks, spearman
 from steerserve.benchmarks.servers import parse_metrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -149,6 +149,8 @@ def test_steerability_sweeps_only_the_sliders_asked_for(bench_server, tmp_path: 
     assert set(variant["summary"]) == {"complexity"} and result["config"]["sliders"] == ["complexity"]
     text = (tmp_path / "steerability.md").read_text()
     assert "by **complexity** level" in text and "by **verbosity** level" not in text
+    grades = sorted(a["fkgl"] for a in variant["answers"] if a["level"] == 0)
+    assert variant["summary"]["complexity"]["median"]["0"] == pytest.approx(grades[0]) and "median L0-L4" in text
 
 
 def test_a_finished_result_is_measured_again_from_its_answers(bench_server, tmp_path: Path, data_files) -> None:
@@ -343,6 +345,8 @@ def test_reading_grade_is_the_prose_s() -> None:
     assert spearman([0, 1, 2, 3], [1, 2, 3, 4]) == pytest.approx(1.0)
     assert spearman([0, 0, 1, 1, 2], [3, 1, 4, 1, 5]) == pytest.approx(0.6488856845)  # scipy.stats.spearmanr
     assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
+    assert median([3.0, 1879.0, 2.0]) == 3.0 and median([4.0, math.nan, 1.0, 3.0, 2.0]) == 2.5
+    assert math.isnan(median([math.nan]))
 
 
 @pytest.mark.parametrize(("text", "unfinished"), [
