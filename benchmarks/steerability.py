@@ -266,6 +266,11 @@ def measure(target: BenchTarget, args: argparse.Namespace, answer_log: AnswerLog
     return result
 
 
+def _shown(value: float | None, decimals: int) -> str:
+    """A level's figure in a table cell; none to show (no answer had a grade, stored as JSON null) is a dash."""
+    return "—" if value is None or value != value else f"{value:.{decimals}f}"
+
+
 def _rows(results: dict[str, dict[str, Any]], name: str, measure: str) -> list[list[Any]]:
     rows = []
     for label, r in results.items():
@@ -279,7 +284,7 @@ def _rows(results: dict[str, dict[str, Any]], name: str, measure: str) -> list[l
                      f"{summary['truncated']:.0%}",
                      " / ".join(f"{summary['unfinished'][lvl]:.0%}" for lvl in LEVELS)
                      if "unfinished" in summary else "—",  # results measured before it was: --rescore adds it
-                     " / ".join(f"{summary['median'][lvl]:.{0 if measure == 'chars' else 1}f}" for lvl in LEVELS)
+                     " / ".join(_shown(summary["median"][lvl], 0 if measure == "chars" else 1) for lvl in LEVELS)
                      if "median" in summary else "—"])
     paper = PAPER[name][measure]
     paper_effect = (f"x{paper[4] / paper[0]:.2f}" if TARGETS[name][0] == "ratio" else f"{paper[4] - paper[0]:+.2f}")
