@@ -347,11 +347,13 @@ def finish(results: dict[str, dict[str, Any]], refs: dict[str, Any],
     for ax, name in zip(axes[0], args.sliders):
         measure = SWEEPS[name]
         for label, r in swept(results, name).items():
-            ax.plot(LEVELS, [r["summary"][name][measure][lvl] for lvl in LEVELS], marker="o", label=label)
+            (line,) = ax.plot(LEVELS, [r["summary"][name][measure][lvl] for lvl in LEVELS], marker="o", label=label)
+            if "median" in r["summary"][name]:  # dotted, same colour: where a looping answer throws the mean
+                ax.plot(LEVELS, [r["summary"][name]["median"][lvl] for lvl in LEVELS], ":", color=line.get_color())
         paper = PAPER[name][measure]
         ax.plot(list(paper), list(paper.values()), "k--", marker="s", label="paper (HelpSteer)")
         ax.set_xlabel(f"{name} level")
-        ax.set_ylabel("mean characters" if measure == "chars" else "Flesch-Kincaid grade")
+        ax.set_ylabel(("characters" if measure == "chars" else "Flesch-Kincaid grade") + " (mean; dotted: median)")
         ax.set_xticks(LEVELS)
         ax.legend(fontsize=7)
     payload = {"variants": results, "paper": PAPER, "paper_source": PAPER_SOURCE, "measures": {"fkgl": FK_MEASURE}}
