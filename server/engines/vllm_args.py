@@ -21,6 +21,7 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
+from steerserve.attributes import MAX_LEVEL
 from steerserve.precision import NEEDS_CPU_AVX512, NEEDS_CUDA, Precision, compute_dtype_name, cpu_has_native_bf16
 from steerserve.server.engines.base import EngineConfig, EngineError
 
@@ -166,9 +167,9 @@ def slider_extra_arg(extra_args: dict[str, Any] | None, key: str, slider: str) -
         except (TypeError, ValueError):
             pass
         else:
-            if 0 <= level <= 4 and strength >= 0:
+            if 0 <= level <= MAX_LEVEL and strength >= 0:
                 return level, strength
-    raise ValueError(f"{key} must be [{slider} 0-4, strength >= 0], got {value!r}")
+    raise ValueError(f"{key} must be [{slider} 0-{MAX_LEVEL}, strength >= 0], got {value!r}")
 
 
 def engine_kwargs(config: EngineConfig, platform: VLLMPlatform, lora: LoRASlots | None = None) -> dict[str, Any]:
