@@ -21,6 +21,7 @@ import torch
 from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, process_dict_updates
 
+from steerserve.attributes import MAX_LEVEL
 from steerserve.server.engines.vllm_args import slider_extra_arg
 
 if TYPE_CHECKING:
@@ -32,9 +33,10 @@ READING_LEVEL_ARG = "steerserve_reading_level"
 
 
 def reading_level_of(params: SamplingParams) -> tuple[int, float] | None:
-    """A request's ``(level, strength)``, or None where it asks for no guidance."""
+    """A request's ``(level, strength)``, or None where it asks for no guidance (strength 0, or the top level,
+    whose bias is zero)."""
     pair = slider_extra_arg(params.extra_args, READING_LEVEL_ARG, "complexity")
-    return pair if pair is not None and pair[1] > 0 and pair[0] < 4 else None
+    return pair if pair is not None and pair[1] > 0 and pair[0] < MAX_LEVEL else None
 
 
 class ReadingLevelLogitsProcessor(LogitsProcessor):

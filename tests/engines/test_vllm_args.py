@@ -141,6 +141,21 @@ def test_a_malformed_slider_arg_names_its_key_and_slider(bad: object) -> None:
         slider_extra_arg({"k": bad}, "k", "verbosity")
 
 
+def test_reading_level_guides_every_level_below_the_top_one() -> None:
+    pytest.importorskip("vllm")
+    from vllm import SamplingParams
+
+    from steerserve.attributes import MAX_LEVEL
+    from steerserve.server.engines.vllm_reading_level import READING_LEVEL_ARG, reading_level_of
+
+    def guided(level: int, strength: float) -> tuple[int, float] | None:
+        return reading_level_of(SamplingParams(extra_args={READING_LEVEL_ARG: [level, strength]}))
+
+    assert [guided(level, 2.0) for level in range(MAX_LEVEL)] == [(level, 2.0) for level in range(MAX_LEVEL)]
+    assert guided(MAX_LEVEL, 2.0) is None and guided(0, 0.0) is None  # the top level's bias is zero
+    assert reading_level_of(SamplingParams()) is None
+
+
 def test_extra_engine_args_override_everything() -> None:
     kwargs = engine_kwargs(config(extra={"seed": 9, "gpu_memory_utilization": 0.5}), GPU)
     assert kwargs["seed"] == 9 and kwargs["gpu_memory_utilization"] == 0.5
