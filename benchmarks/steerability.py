@@ -31,7 +31,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from steerserve.measures import FK_MEASURE, chars, ends_unfinished, fk_grade, mean, median, spearman
+from steerserve.measures import FK_MEASURE, LOOP_WORDS, chars, ends_unfinished, fk_grade, loops, mean, median, spearman
 from steerserve.benchmarks.partial import AnswerLog
 from steerserve.benchmarks.report import figure, markdown_table
 from steerserve.benchmarks.servers import BenchTarget
@@ -218,6 +218,7 @@ def summarize(answers: list[dict[str, Any]]) -> dict[str, Any]:
             "median": {lvl: median([a[measure] for a in rows if a["level"] == lvl]) for lvl in LEVELS},
             "spearman": spearman([a["level"] for a in rows], [a[measure] for a in rows]),
             "truncated": sum(a["finish_reason"] == "length" for a in rows) / max(len(rows), 1),
+            "looping": sum(loops(a["text"]) for a in rows) / max(len(rows), 1),
             "unfinished": {lvl: _unfinished([a for a in rows if a["level"] == lvl]) for lvl in LEVELS},
         }
         out[name]["target"] = target_check(name, out[name][measure])
@@ -282,13 +283,14 @@ def _rows(results: dict[str, dict[str, Any]], name: str, measure: str) -> list[l
         rows.append([label, *(summary[measure][lvl] for lvl in LEVELS), summary["spearman"], effect,
                      "yes" if check["monotone"] else "no", "met" if check["met"] else "not met",
                      f"{summary['truncated']:.0%}",
+                     f"{summary['looping']:.0%}" if "looping" in summary else "—",
                      " / ".join(f"{summary['unfinished'][lvl]:.0%}" for lvl in LEVELS)
                      if "unfinished" in summary else "—",  # results measured before it was: --rescore adds it
                      " / ".join(_shown(summary["median"][lvl], 0 if measure == "chars" else 1) for lvl in LEVELS)
                      if "median" in summary else "—"])
     paper = PAPER[name][measure]
     paper_effect = (f"x{paper[4] / paper[0]:.2f}" if TARGETS[name][0] == "ratio" else f"{paper[4] - paper[0]:+.2f}")
-    rows.append(["paper (HelpSteer)", *(paper.get(lvl) for lvl in LEVELS), None, paper_effect, "", "", "", "", ""])
+    rows.append(["paper (HelpSteer)", *(paper.get(lvl) for lvl in LEVELS), None, paper_effect, "", "", "", "", "", ""])
     return rows
 
 
@@ -320,7 +322,7 @@ def _sweep_table(results: dict[str, dict[str, Any]], name: str, head: list[str])
     else:
         title, effect = "Mean Flesch-Kincaid grade by **complexity** level" + _guidance_note(results, name), "L4 - L0"
     return (f"\n{title}\n\n"
-            + markdown_table(["variant", *head, "Spearman ρ", effect, "monotone", "target", "truncated",
+            + markdown_table(["variant", *head, "Spearman ρ", effect, "monotone", "target", "truncated", "looping",
                               "unfinished L0-L4", "median L0-L4"],
                              _rows(results, name, SWEEPS[name]), 2))
 
@@ -338,7 +340,8 @@ def finish(results: dict[str, dict[str, Any]], refs: dict[str, Any],
     others = "the other sliders at their defaults" + (
         f", except {', '.join(f'{k} {v}' for k, v in args.hold.items())}" if args.hold else "")
     text = (f"{count} prompts x 5 levels per slider ({others}), {describe_decoding(decoding(args))}, max "
-            f"{max_tokens} tokens per answer (truncated = share of answers cut by that cap; unfinished = share of the "
+            f"{max_tokens} tokens per answer (truncated = share of answers cut by that cap; looping = share whose "
+            f"second half repeats, under half its {LOOP_WORDS}-word sequences distinct; unfinished = share of the "
             f"answers that ended on their own whose last sentence is unfinished, per level). Targets: monotone, "
             f"chars x3 from verbosity 0 to 4, +2 grades from complexity 0 to 4. Paper: {PAPER_SOURCE}.\n"
             + "".join(_sweep_table(results, name, head) for name in args.sliders)

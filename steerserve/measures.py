@@ -119,6 +119,20 @@ def ends_unfinished(text: str) -> bool:
     return bool(end) and (end[-1].isalnum() or end[-1] in ":,;")
 
 
+LOOP_WORDS = 8
+"""Length of the word sequences :func:`loops` counts."""
+
+
+def loops(text: str, n: int = LOOP_WORDS) -> bool:
+    """Whether an answer has fallen into a loop: under half of the ``n``-word sequences of its second half are
+    distinct (it needs ``n`` of them to tell). A small model decoding greedily can repeat a paragraph until the
+    token cap; this tells those answers from merely long ones (``steerserve bench steerability`` reports the
+    share)."""
+    second_half = text.split()[len(text.split()) // 2:]
+    sequences = [tuple(second_half[i:i + n]) for i in range(len(second_half) - n + 1)]
+    return len(sequences) >= n and len(set(sequences)) < len(sequences) / 2
+
+
 def fk_grade(text: str) -> float:
     """Flesch-Kincaid grade level of the answer's :func:`prose_lines`; NaN where it has no words (empty, or
     code only): such an answer has no reading level.

@@ -363,6 +363,20 @@ def test_unfinished_answers_end_on_a_word_or_a_colon(text: str, unfinished: bool
     assert _unfinished(answers) == float(unfinished)  # answers cut at the cap are not counted
 
 
+def test_looping_answers_repeat_their_second_half() -> None:
+    from steerserve.benchmarks.steerability import summarize
+    from steerserve.measures import loops
+
+    opening = " ".join(f"word{i}" for i in range(40))
+    looping = opening + " " + " ".join(["The cat sat on the mat and then it slept."] * 12)
+    varied = opening + " " + " ".join(f"Step {i} adds the {i}th ingredient to the bowl." for i in range(12))
+    assert loops(looping) and not loops(varied)
+    assert not loops("Yes. " * 10)  # ten words: too few sequences in the second half to tell
+    answers = [{"slider": "verbosity", "level": lvl, "text": text, "finish_reason": "length", "chars": len(text),
+                "fkgl": 5.0} for lvl in range(5) for text in (looping, varied)]
+    assert summarize(answers)["verbosity"]["looping"] == 0.5
+
+
 def test_parse_metrics() -> None:
     text = ('# HELP x\nsteerserve:process_tree_resident_memory_bytes 1.5e+08\n'
             'steerserve:model_weight_bytes{model_name="a:bf16",precision="bf16",engine="vllm"} 2.0e+06\n')
