@@ -128,7 +128,8 @@ def loops(text: str, n: int = LOOP_WORDS) -> bool:
     distinct (it needs ``n`` of them to tell). A small model decoding greedily can repeat a paragraph until the
     token cap; this tells those answers from merely long ones (``steerserve bench steerability`` reports the
     share)."""
-    second_half = text.split()[len(text.split()) // 2:]
+    split = text.split()
+    second_half = split[len(split) // 2:]
     sequences = [tuple(second_half[i:i + n]) for i in range(len(second_half) - n + 1)]
     return len(sequences) >= n and len(set(sequences)) < len(sequences) / 2
 
