@@ -283,11 +283,9 @@ def _rows(results: dict[str, dict[str, Any]], name: str, measure: str) -> list[l
         rows.append([label, *(summary[measure][lvl] for lvl in LEVELS), summary["spearman"], effect,
                      "yes" if check["monotone"] else "no", "met" if check["met"] else "not met",
                      f"{summary['truncated']:.0%}",
-                     f"{summary['looping']:.0%}" if "looping" in summary else "—",
-                     " / ".join(f"{summary['unfinished'][lvl]:.0%}" for lvl in LEVELS)
-                     if "unfinished" in summary else "—",  # results measured before it was: --rescore adds it
-                     " / ".join(_shown(summary["median"][lvl], 0 if measure == "chars" else 1) for lvl in LEVELS)
-                     if "median" in summary else "—"])
+                     f"{summary['looping']:.0%}",
+                     " / ".join(f"{summary['unfinished'][lvl]:.0%}" for lvl in LEVELS),
+                     " / ".join(_shown(summary["median"][lvl], 0 if measure == "chars" else 1) for lvl in LEVELS)])
     paper = PAPER[name][measure]
     paper_effect = (f"x{paper[4] / paper[0]:.2f}" if TARGETS[name][0] == "ratio" else f"{paper[4] - paper[0]:+.2f}")
     rows.append(["paper (HelpSteer)", *(paper.get(lvl) for lvl in LEVELS), None, paper_effect, "", "", "", "", "", ""])
@@ -351,8 +349,8 @@ def finish(results: dict[str, dict[str, Any]], refs: dict[str, Any],
         measure = SWEEPS[name]
         for label, r in swept(results, name).items():
             (line,) = ax.plot(LEVELS, [r["summary"][name][measure][lvl] for lvl in LEVELS], marker="o", label=label)
-            if "median" in r["summary"][name]:  # dotted, same colour: where a looping answer throws the mean
-                ax.plot(LEVELS, [r["summary"][name]["median"][lvl] for lvl in LEVELS], ":", color=line.get_color())
+            # dotted, same colour: where a looping answer throws the mean
+            ax.plot(LEVELS, [r["summary"][name]["median"][lvl] for lvl in LEVELS], ":", color=line.get_color())
         paper = PAPER[name][measure]
         ax.plot(list(paper), list(paper.values()), "k--", marker="s", label="paper (HelpSteer)")
         ax.set_xlabel(f"{name} level")
