@@ -47,6 +47,9 @@ class DPORecipeConfig(BaseConfig, LoraFields):
     ld_alpha: float = option(1.0, "LD-DPO: weight of the reply tokens past the shorter reply's length, in [0, 1] "
                                   "(1: plain DPO; 0: only the shared length counts), so that 'longer wins' is not "
                                   "what the pairs teach.")
+    whole_replies: bool = option(False, "Train only on pairs whose prompt and both replies, end of turn included, "
+                                        "fit max_length (the held-out pairs stay as they are): TRL cuts a reply's "
+                                        "end, and a pair whose chosen reply alone is cut rewards not ending.")
     mirrored_batches: bool = option(False, "Keep the two mirrored pairs of a helpsteer-sliders contrast in one "
                                            "batch (batch_size must be even), so only the attribute line tells "
                                            "them apart.")
@@ -81,6 +84,17 @@ def pair_example(pair: dict[str, Any], method: SteeringMethod, tokenizer: Any) -
         "chosen": pair["chosen"] + end,
         "rejected": pair["rejected"] + end,
     }
+
+
+def whole_pairs(examples: list[dict[str, str]], tokenizer: Any, max_length: int) -> tuple[list[dict[str, str]], int]:
+    """(kept, dropped): the examples whose prompt + chosen and prompt + rejected both fit ``max_length`` tokens,
+    counted as the trainer tokenizes them (prompt and reply as one text)."""
+    kept = [ex for ex in examples
+            if all(len(tokenizer(ex["prompt"] + ex[side]).input_ids) <= max_length for side in ("chosen", "rejected"))]
+    if not kept:
+        raise ConfigError(f"max_length: whole_replies leaves no training pair of {len(examples)} "
+                          f"(every pair has a reply cut at {max_length} tokens)")
+    return kept, len(examples) - len(kept)
 
 
 def build_trainer(config: DPORecipeConfig, run_dir: RunDir, base: str, tokenizer: Any,
@@ -119,11 +133,16 @@ def run(config: DPORecipeConfig, output: Path, force: bool = False, callbacks: S
         config, lambda source, data_format: load_preference_pairs(source, data_format, config.data_split))
     train, test, dropped = runner.examples(train_pairs, test_pairs, lambda pair: pair_example(
         pair, method, tokenizer), tokenizer, config.max_length)
+    split = {"train_pairs": len(train), "test_pairs": len(test), "dropped_overlong": dropped}
+    if config.whole_replies:
+        train, split["dropped_cut_replies"] = whole_pairs(train, tokenizer, config.max_length)
+        split["train_pairs"] = len(train)
+        logger.info("whole_replies: dropped %d train pairs with a reply cut at max_length=%d",
+                    split["dropped_cut_replies"], config.max_length)
     trainer = build_trainer(config, run_dir, base, tokenizer, train, test, callbacks)
     metrics = runner.train(trainer, run_dir)
     if test:
         metrics.update(held_out_metrics(trainer))
-    split = {"train_pairs": len(train), "test_pairs": len(test), "dropped_overlong": dropped}
     return finish(RECIPE, config, run_dir, trainer, tokenizer, base_name, method, metrics, data, split=split)
 
 

@@ -17,6 +17,7 @@ from steerserve.attributes import format_attributes, parse_attributes
 from steerserve.prompts import ATTRIBUTE_TURN, MCQ_ANSWER_PREFIX, SteeringMethod, render_mcq_question
 from steerserve.training import dpo, runner
 from steerserve.training.apm import load_apm, masked_mse, predict
+from steerserve.training.config import ConfigError
 from steerserve.training.data import load_rows
 from steerserve.training.manifest import is_complete, read_manifest
 from steerserve.training.output import RunDir
@@ -128,6 +129,34 @@ def test_dpo_loss_types_differ_on_the_same_batch(tmp_path: Path, tiny_model_dir:
     assert abs(losses["sigmoid"] - losses["robust"]) > 1e-4 and abs(losses["sigmoid"] - losses["ipo"]) > 1e-4
     assert losses["rpo"] > losses["sigmoid"] + 1.0  # plus the chosen replies' mean NLL: several nats on a random model
     assert abs(losses["sigmoid"] - losses["ld"]) > 1e-4
+
+
+def test_whole_replies_trains_only_on_pairs_whose_replies_both_end(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """A pair is dropped when either reply (end of turn included) runs past max_length, counted as TRL tokenizes
+    it; the run records how many it dropped and still trains."""
+    rows = [{"prompt": f"Question {i}: tell me about {i}.",
+             "chosen": f"About {i}." + " More about it." * (4 * i if i % 2 else 1),
+             "rejected": f"Not {i}." + " Less about it." * (1 if i % 2 else 4 * i)} for i in range(12)]
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    pairs, _ = load_rows("preferences", str(data), "pairs")
+    tokenizer = runner.load_tokenizer(str(tiny_model_dir))
+    examples = [dpo.pair_example(p, SteeringMethod.INSTRUCTIONS, tokenizer) for p in pairs]
+    longest = [max(len(tokenizer(ex["prompt"] + ex[side]).input_ids) for side in ("chosen", "rejected"))
+               for ex in examples]
+    limit = sorted(longest)[len(longest) // 2]
+    kept, dropped = dpo.whole_pairs(examples, tokenizer, limit)
+    assert kept == [ex for ex, n in zip(examples, longest) if n <= limit]
+    assert dropped == sum(n > limit for n in longest) > 0
+    cut = [ex for ex, n in zip(examples, longest) if n > limit]
+    assert {len(ex["chosen"]) > len(ex["rejected"]) for ex in cut} == {True, False}  # either side's cut drops it
+    with pytest.raises(ConfigError, match="whole_replies leaves no training pair"):
+        dpo.whole_pairs(examples, tokenizer, min(longest) - 1)
+    settings = [s for s in FAST if not s.startswith("max_length")]
+    out = run_recipe("dpo", tmp_path / "whole", [f"model={tiny_model_dir}", f"data={data}", "data_format=pairs",
+                                                 "whole_replies=true", f"max_length={limit}", *settings])
+    split = read_manifest(out)["split"]
+    assert split["dropped_cut_replies"] > 0 and split["train_pairs"] > 0
+    finite_losses(out)
 
 
 def test_dpo_on_slider_pairs_renders_each_pairs_own_attribute_line(tmp_path: Path, tiny_model_dir: Path,
