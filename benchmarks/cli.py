@@ -71,7 +71,9 @@ def run(args: argparse.Namespace, modules: dict[str, ModuleType]) -> dict[str, d
         for name in selected:
             if target.label in kept[name]:
                 logger.info("%s on %s: kept from an interrupted run (%s)", name, target.label, partial.folder)
-                results[name][target.label] = kept[name][target.label]
+                # stored by this run's earlier try, possibly by older code: a module measures it again if it can
+                restore = getattr(modules[name], "remeasure", lambda result: result)
+                results[name][target.label] = restore(kept[name][target.label])
                 continue
             logger.info("%s on %s", name, target.label)
             log = ({"answer_log": partial.answer_log(name, target.label)}

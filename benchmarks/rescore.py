@@ -84,12 +84,6 @@ def join(loaded: list[tuple[Path, dict[str, Any]]]) -> dict[str, Any]:
     return {**payload, "variants": variants, "config": config}
 
 
-def remeasure(result: dict[str, Any]) -> dict[str, Any]:
-    """One variant's result with every answer measured again and its summary rebuilt."""
-    answers = [steerability.measured(a) for a in result["answers"]]
-    return {**result, "answers": answers, "summary": steerability.summarize(answers)}
-
-
 def stored_arguments(payload: dict[str, Any], defaults: argparse.Namespace) -> argparse.Namespace:
     """The stored run's arguments over today's defaults (runs that predate an option get its default)."""
     args = argparse.Namespace(**vars(defaults))
@@ -107,7 +101,7 @@ def rescore(paths: list[Path], output: Path, defaults: argparse.Namespace) -> di
 
     payload = join([(path, load_result(path)) for path in paths])
     args = stored_arguments(payload, defaults)
-    results = {label: remeasure(r) for label, r in payload["variants"].items()}
+    results = {label: steerability.remeasure(r) for label, r in payload["variants"].items()}
     rebuilt, markdown, fig = steerability.finish(results, {}, args)
     for key in ("config", "environment", "seconds"):
         if key in payload:

@@ -225,6 +225,13 @@ def summarize(answers: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def remeasure(result: dict[str, Any]) -> dict[str, Any]:
+    """One variant's result with every answer measured again and its summary rebuilt: a result stored by an
+    earlier version (rescored, or kept from an interrupted run) gets today's measures and summary fields."""
+    answers = [measured(a) for a in result["answers"]]
+    return {**result, "answers": answers, "summary": summarize(answers)}
+
+
 def _unfinished(rows: list[dict[str, Any]]) -> float:
     """Of the answers that ended on their own (not at the cap), the share whose last sentence is unfinished."""
     ended = [a for a in rows if a["finish_reason"] == "stop"]
