@@ -354,11 +354,24 @@ def finish(results: dict[str, dict[str, Any]], refs: dict[str, Any],
     fig, axes = figure(len(args.sliders), width=5.0)
     for ax, name in zip(axes[0], args.sliders):
         measure = SWEEPS[name]
-        for label, r in swept(results, name).items():
-            (line,) = ax.plot(LEVELS, [r["summary"][name][measure][lvl] for lvl in LEVELS], marker="o", label=label)
-            # dotted, same colour: where a looping answer throws the mean
-            ax.plot(LEVELS, [r["summary"][name]["median"][lvl] for lvl in LEVELS], ":", color=line.get_color())
         paper = PAPER[name][measure]
+        curves = {label: ([r["summary"][name][measure][lvl] for lvl in LEVELS],
+                          [r["summary"][name]["median"][lvl] for lvl in LEVELS])
+                  for label, r in swept(results, name).items()}
+        # A looping answer's grade has no ceiling (one can move a level's mean by 50 grades): grades get an axis
+        # the medians and the paper fit in, and a mean above it is drawn at its top with its value.
+        top = None if measure == "chars" else 1.6 * max(
+            [*paper.values(), *(m for _, medians in curves.values() for m in medians)])
+        for label, (means, medians) in curves.items():
+            (line,) = ax.plot(LEVELS, [min(m, top) if top else m for m in means], marker="o", label=label)
+            # dotted, same colour: where a looping answer throws the mean
+            ax.plot(LEVELS, medians, ":", color=line.get_color())
+            for lvl, mean in zip(LEVELS, means):
+                if top and mean > top:
+                    ax.annotate(f"{mean:.0f}", (lvl, top), xytext=(3, -10), textcoords="offset points", fontsize=7,
+                                color=line.get_color())
+        if top:
+            ax.set_ylim(top=top * 1.02)
         ax.plot(list(paper), list(paper.values()), "k--", marker="s", label="paper (HelpSteer)")
         ax.set_xlabel(f"{name} level")
         ax.set_ylabel(("characters" if measure == "chars" else "Flesch-Kincaid grade") + " (mean; dotted: median)")
