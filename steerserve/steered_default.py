@@ -11,7 +11,8 @@ trained on (``make`` trains it there), built into the cache on first use (see st
     python -m steerserve.steered_default package runs/steered-default models/steered-default
 
 ``steered:<precision>`` names the shipped SteerLM adapter merged into the default model and quantized by
-``steerserve quantize`` with its defaults (nf4: GPTQ rounding in act order), built once into the cache for the
+``steerserve quantize`` with its defaults (nf4: GPTQ rounding in act order; gptq-w4 and w4a16 pin groups of 32,
+:data:`STEERED_PINNED`), built once into the cache for the
 adapter as shipped (:func:`quantized_steered_dir`). That merged nf4 keeps more of the verbosity slider than the
 QLoRA adapter on the column-order ``default:nf4`` (x2.13 against x1.51 on the 80 MT-Bench prompts), so it, not
 the QLoRA adapter, is served as ``steered:nf4``.
@@ -44,6 +45,12 @@ STEERED_RUN = "acsft"
 """The shipped adapter ``steered:<precision>`` merges and quantizes."""
 STEERED_BUILD_DIR = "steered"
 """Where the ``steered:<precision>`` builds live in the cache, one folder per shipped adapter content."""
+STEERED_PINNED: dict[str, tuple[str, ...]] = {"gptq-w4": ("--group-size", "32"), "w4a16": ("--group-size", "32")}
+"""``steerserve quantize`` options a ``steered:<precision>`` build takes beyond the defaults. The 4-bit grouped formats
+keep a scale per 32 input columns, not the 64 quantize picks for this model: at 64 ``steered:gptq-w4`` lost the
+verbosity slider under guidance (x3.19, levels 1 and 2 alike), at 32 it keeps it (x7.32, monotone; perplexity ratio
+1.142 -> 1.074 for 3.5% more bytes; benchmarks/results/guided-precisions/). Such a build lives in its own folder
+(``gptq-w4-group-size-32``), so a build made before the pin is never served in its place."""
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 MAX_CHAIN = 8  # LoRA runs trained on top of each other that package stacks; more is surely a manifest loop
 
@@ -154,13 +161,14 @@ def quantized_steered_path(cache_dir: Path, precision: str, shipped: Path | None
     if not (adapter / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{STEERED_ID}:{precision}: no shipped SteerLM adapter at {adapter} "
                                 "(make steered-default packages it)")
-    return Path(cache_dir).expanduser() / STEERED_BUILD_DIR / _adapter_digest(adapter) / precision
+    folder = "-".join([precision, *(option.lstrip("-") for option in STEERED_PINNED.get(precision, ()))])
+    return Path(cache_dir).expanduser() / STEERED_BUILD_DIR / _adapter_digest(adapter) / folder
 
 
 def quantized_steered_dir(cache_dir: Path, precision: str, shipped: Path | None = None) -> Path:
     """The shipped SteerLM adapter merged into the default model and quantized by ``steerserve quantize`` with its
-    defaults, quantizing on first use (nf4: about 4.5 minutes on 2 cores, calibrated on oasst1 in
-    ``../shared/data``), then instant. Its manifest names it ``steered``, so it is served as
+    defaults (and :data:`STEERED_PINNED`), quantizing on first use (nf4: about 4.5 minutes on 2 cores, calibrated
+    on oasst1 in ``../shared/data``), then instant. Its manifest names it ``steered``, so it is served as
     ``steered:<precision>``."""
     from steerserve.default_model import checked_precision, quantize_once
     from steerserve.precision import Precision
@@ -170,7 +178,8 @@ def quantized_steered_dir(cache_dir: Path, precision: str, shipped: Path | None 
                          f"--model {SHIPPED_DIR / STEERED_RUN},base=smollm2-135m-instruct:bf16")
     checked_precision(STEERED_ID, precision, tuple(p.value for p in Precision if p != Precision.BF16))
     output = quantized_steered_path(cache_dir, precision, shipped)
-    return quantize_once(str((shipped or SHIPPED_DIR) / STEERED_RUN), precision, output, cache_dir)
+    return quantize_once(str((shipped or SHIPPED_DIR) / STEERED_RUN), precision, output, cache_dir,
+                         *STEERED_PINNED.get(precision, ()))
 
 
 def resolve_steered(text: str, cache_dir: Path) -> Path | None:

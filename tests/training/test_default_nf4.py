@@ -144,3 +144,27 @@ def test_steered_nf4_is_the_shipped_adapter_merged_and_quantized_once(
     make_adapter(converted, shipped / "acsft", seed=2, rank=4, manifest=adapter_manifest)
     assert quantized_steered_path(cache, "nf4", shipped) != built
     assert str(built) not in [s.path for s in default_model_specs(shipped, cache_dir=cache)]
+
+
+def test_steered_gptq_w4_pins_groups_of_32_in_a_folder_of_its_own(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """A build made with quantize's default groups (as before the pin) is never served as ``steered:gptq-w4``."""
+    import importlib.util
+
+    from adapter_helpers import make_adapter
+    from steerserve.steered_default import built_steered_specs, quantized_steered_dir, quantized_steered_path
+
+    if not importlib.util.find_spec("gptqmodel"):
+        pytest.skip("gptqmodel is not installed")
+    cache, shipped = tmp_path / "cache", tmp_path / "models"
+    converted = _tiny_default(cache, tiny_model_dir)
+    make_adapter(converted, shipped / "acsft", seed=1, rank=4,
+                 manifest={"name": "steered", "recipe": "acsft", "base_model": DEFAULT_MODEL_NAME})
+    unpinned = quantized_steered_path(cache, "nf4", shipped).with_name("gptq-w4")
+    unpinned.mkdir(parents=True)
+    (unpinned / "manifest.json").write_text(json.dumps({"name": "steered", "precision": "gptq-w4"}))
+    built = quantized_steered_dir(cache, "gptq-w4", shipped)
+    assert built == unpinned.with_name("gptq-w4-group-size-32")
+    manifest = read_manifest(built)
+    assert (manifest["precision"], manifest["settings"]["group_size"]) == ("gptq-w4", 32)
+    assert json.loads((built / "quantize_config.json").read_text())["group_size"] == 32
+    assert [s.path for s in built_steered_specs(shipped, cache)] == [str(built)]
