@@ -56,7 +56,8 @@ package-steered-default:
 	python -m steerserve.steered_default package $(RUNS) $(SHIPPED)
 
 # The steered default (AC-SFT) in every precision this CPU makes, then steerability and held-out MCQ per
-# precision side by side: quantization must not erase steering. Finished quantizations are skipped.
+# precision side by side: quantization must not erase steering. Finished quantizations are skipped; each takes the
+# options steered:<precision> is built with (gptq-w4 and w4a16: groups of 32).
 # The shipped adapter is merged into the default model first, so no training is needed
 # (STEERED_SOURCE=$(RUNS)/acsft quantizes a fresh training run instead). On a CPU without AVX-512, vLLM cannot
 # serve gptq-w4 or w4a16: PRECISIONS="bf16 int8 nf4 w8a8 gguf-q8_0 gguf-q4_k_m" (about 25 min of quantizing there).
@@ -66,7 +67,7 @@ STEERED_SOURCE ?= $(SHIPPED)/acsft
 steered-precisions:
 	for p in $(PRECISIONS); do \
 	    [ -f $(RUNS)/q/$$p/manifest.json ] || steerserve quantize $(STEERED_SOURCE) --precision $$p --output $(RUNS)/q/$$p \
-	        --eval-chars 8000 --mcq-per-subject 1 || exit 1; \
+	        --eval-chars 8000 --mcq-per-subject 1 $$(python -m steerserve.steered_default pinned $$p) || exit 1; \
 	done
 	steerserve bench steerability $(foreach p,$(PRECISIONS),--variant $(RUNS)/q/$(p)) --num-prompts $(BENCH_PROMPTS) \
 	    --answer-tokens 512 --parallel 16 --apm $(RUNS)/apm --output $(RUNS)/bench/steerability-precisions

@@ -235,6 +235,9 @@ def default_model_specs(shipped: Path = SHIPPED_DIR, cache_dir: Path | None = No
 
 
 if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "pinned":  # for make: the quantize options a steered build adds
+        print(" ".join(STEERED_PINNED.get(sys.argv[2], ())))
+        sys.exit(0)
     if len(sys.argv) != 4 or sys.argv[1] != "package":
-        sys.exit("usage: python -m steerserve.steered_default package RUNS_DIR SHIPPED_DIR")
+        sys.exit("usage: python -m steerserve.steered_default package RUNS_DIR SHIPPED_DIR | pinned PRECISION")
     sys.exit(0 if package(Path(sys.argv[2]), Path(sys.argv[3])) else 1)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import openai
@@ -168,3 +170,6 @@ def test_steered_gptq_w4_pins_groups_of_32_in_a_folder_of_its_own(tmp_path: Path
     assert (manifest["precision"], manifest["settings"]["group_size"]) == ("gptq-w4", 32)
     assert json.loads((built / "quantize_config.json").read_text())["group_size"] == 32
     assert [s.path for s in built_steered_specs(shipped, cache)] == [str(built)]
+    pinned = [subprocess.run([sys.executable, "-m", "steerserve.steered_default", "pinned", p], capture_output=True,
+                             text=True, check=True).stdout.split() for p in ("gptq-w4", "nf4")]
+    assert pinned == [["--group-size", "32"], []]  # what make steered-precisions adds to each quantize
