@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 
 from steerserve.staging import staged_directory
-from steerserve.training.quantize.methods import Rounding
+from steerserve.training.quantize.methods import Rounding, predates_current_method
 
 logger = logging.getLogger(__name__)
 
@@ -126,16 +126,21 @@ def checked_precision(label: str, precision: str, offered: tuple[str, ...] | Non
 
 def quantize_once(source: str, precision: str, output: Path, cache_dir: Path, *pinned: str) -> Path:
     """``steerserve quantize source --precision precision`` into ``output``, unless a finished build (its
-    manifest.json) is already there. The builds the model options name are scored on a short evaluation
-    (8000 characters, one MCQ per subject): enough for the manifest's quality line, quick on 2 cores."""
+    manifest.json) is already there; one made before its precision's method last changed is rebuilt. The builds the
+    model options name are scored on a short evaluation (8000 characters, one MCQ per subject): enough for the
+    manifest's quality line, quick on 2 cores."""
     from steerserve.training.quantize.cli import build_parser, run
 
+    outdated = False
     if (output / "manifest.json").is_file():
-        return output
+        outdated = predates_current_method(json.loads((output / "manifest.json").read_text()))
+        if not outdated:
+            return output
+        logger.info("rebuilding %s: made before quantize's %s method last changed", output, precision)
     logger.info("quantizing %s to %s at %s (once)", source, precision, output)
     args = build_parser().parse_args([source, "--precision", precision, "--output", str(output),
                                       "--cache-dir", str(cache_dir), "--eval-chars", "8000", "--mcq-per-subject", "1",
-                                      *pinned])
+                                      *pinned, *(["--force"] if outdated else [])])
     return run(args)
 
 

@@ -112,6 +112,24 @@ def test_a_group_size_the_precision_cannot_take_is_refused(tiny_source: Path, tm
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("precision", ["nf4", "gptq-w4", "w8a8"])
+def test_scales_are_refused_but_for_w4a16(tiny_source: Path, tmp_path: Path, precision: str,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    assert quantize(tiny_source, precision, tmp_path / "x", "--scales", "minmax") == 2
+    assert f"--scales applies to w4a16 only, not {precision}" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_manifest_from_before_a_method_change_is_known_by_its_settings() -> None:
+    """w4a16 records its scales since they became MSE-searched; a build without them is the old kind."""
+    from steerserve.training.quantize.methods import predates_current_method
+
+    assert predates_current_method({"precision": "w4a16", "settings": {"scheme": "W4A16", "group_size": 32}})
+    assert not predates_current_method({"precision": "w4a16", "settings": {"scales": "minmax"}})
+    assert not predates_current_method({"precision": "gptq-w4", "settings": {"group_size": 32}})
+    assert not predates_current_method({"precision": "not-a-precision"})
+
+
 def test_gptq_takes_the_group_size_asked(tiny_source: Path, tmp_path: Path) -> None:
     """The tiny model's widths (128, 256) default to groups of 128; 32 keeps four times the scales."""
     if not importlib.util.find_spec("gptqmodel"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -80,6 +81,8 @@ def test_manifests_record_calibration_and_quality(vllm_variants: dict[str, Path]
         if library == "llmcompressor" and _refused_here(precision):  # scored where the weights can run
             assert manifest["quality"]["scored_with"].startswith("transformers + compressed-tensors"), precision
             assert any("not scored in vLLM" in note for note in manifest["notes"]), precision
+        if precision == "w4a16":
+            assert manifest["settings"]["scales"] == "mse" and "MSE-searched scales" in manifest["method"]
         if library == "llmcompressor":  # calibrated in the dtype this CPU computes in, stored in bf16 either way
             from steerserve.precision import Precision, compute_dtype_here
             from safetensors import safe_open
@@ -87,6 +90,44 @@ def test_manifests_record_calibration_and_quality(vllm_variants: dict[str, Path]
             assert manifest["settings"]["calibration_dtype"] == compute_dtype_here(Precision.BF16)
             with safe_open(str(path / "model.safetensors"), "pt") as weights:
                 assert weights.get_slice("model.norm.weight").get_dtype() == "BF16", precision
+
+
+def test_w4a16_scales_can_be_min_max(vllm_variants: dict[str, Path], tiny_source: Path, tmp_path: Path) -> None:
+    """--scales minmax stores other group scales than the default's search, and says so in the manifest."""
+    from safetensors import safe_open
+
+    if "w4a16" not in vllm_variants:
+        pytest.skip("the llm-compressor environment is not built")
+    assert quantize(tiny_source, "w4a16", tmp_path / "minmax", "--scales", "minmax") == 0
+    manifest = json.loads((tmp_path / "minmax" / "manifest.json").read_text())
+    assert manifest["settings"]["scales"] == "minmax" and "MSE" not in manifest["method"]
+    scales = []
+    for build in (vllm_variants["w4a16"], tmp_path / "minmax"):
+        with safe_open(str(build / "model.safetensors"), "pt") as weights:
+            scales.append(weights.get_tensor("model.layers.0.mlp.down_proj.weight_scale").float())
+    assert scales[0].shape == scales[1].shape
+    assert (scales[0] <= scales[1] * 1.001).all() and (scales[0] < scales[1] * 0.999).any()  # search clips, never widens
+
+
+def test_a_cached_build_from_before_the_method_changed_is_rebuilt(vllm_variants: dict[str, Path], tiny_source: Path,
+                                                                  tmp_path: Path) -> None:
+    """A cached w4a16 build made with min-max scales, before they were searched (no "scales" in its manifest), is
+    rebuilt by the path the model options take, never served; a current build is kept as it is."""
+    from steerserve.default_model import quantize_once
+
+    if "w4a16" not in vllm_variants:
+        pytest.skip("the llm-compressor environment is not built")
+    cached = tmp_path / "w4a16"
+    shutil.copytree(vllm_variants["w4a16"], cached)
+    manifest = json.loads((cached / "manifest.json").read_text())
+    del manifest["settings"]["scales"]
+    (cached / "manifest.json").write_text(json.dumps(manifest))
+    assert quantize_once(str(tiny_source), "w4a16", cached, tmp_path / "cache") == cached
+    rebuilt = json.loads((cached / "manifest.json").read_text())
+    assert rebuilt["settings"]["scales"] == "mse" and rebuilt["created"] >= manifest["created"]
+    stamp = (cached / "manifest.json").stat().st_mtime_ns
+    assert quantize_once(str(tiny_source), "w4a16", cached, tmp_path / "cache") == cached
+    assert (cached / "manifest.json").stat().st_mtime_ns == stamp
 
 
 def test_vllm_serves_every_variant(server: LiveServer, vllm_variants: dict[str, Path]) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 
 from steerserve.default_model import CACHE_DIR
 from steerserve.precision import Precision
-from steerserve.training.quantize.methods import Rounding
+from steerserve.training.quantize.methods import Rounding, Scales
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--group-size", type=int, metavar="COLUMNS",
                         help="gptq-w4, gptq-w8, w4a16 only: input columns sharing one scale; smaller rounds closer "
                              "for a few more bytes (default: the largest of 128, 64, 32 dividing every layer's width)")
+    parser.add_argument("--scales", choices=[scales.value for scales in Scales],
+                        help="w4a16 only: how each group's scale is set: mse (default; the clipping of the group's "
+                             "range that rounds it with the least squared error) or minmax (its largest weight)")
     parser.add_argument("--eval-chars", type=int, default=16000, help="held-out characters scored for perplexity")
     parser.add_argument("--mcq-per-subject", type=int, default=2, help="MMLU test questions per subject (57)")
     parser.add_argument("--mcq-items", type=int, help="keep only the first N MCQ items (quick checks)")
@@ -152,6 +155,8 @@ def run(args: argparse.Namespace) -> Path:
             raise ValueError(f"--{dest.replace('_', '-')} applies to nf4 only, not {args.precision.value}")
     if args.low_rank_correction < 0:
         raise ValueError(f"--low-rank-correction must be a rank of 1 or more (0: none), not {args.low_rank_correction}")
+    if args.scales and args.precision is not Precision.W4A16:
+        raise ValueError(f"--scales applies to w4a16 only, not {args.precision.value}")
     if args.group_size is not None and args.precision not in GROUPED_PRECISIONS:
         raise ValueError(f"--group-size applies to {', '.join(p.value for p in GROUPED_PRECISIONS)}, "
                          f"not {args.precision.value}")
@@ -169,8 +174,9 @@ def run(args: argparse.Namespace) -> Path:
             raise ValueError(f"--scorer vllm cannot score {args.precision.value} here: {reason}")
     quantizer = load_quantizer(args.precision)
     grouping = {"group_size": args.group_size} if args.group_size is not None else {}
+    scales = {"scales": Scales(args.scales)} if args.scales else {}  # else QuantizeJob's default
     run_dir = RunDir(args.output, {"recipe": "quantize", "source": str(source), "precision": args.precision.value,
-                                   **grouping},
+                                   **grouping, **{name: value.value for name, value in scales.items()}},
                      force=args.force)
     if run_dir.work.exists():  # a crashed quantization is cheaper to redo than to trust
         shutil.rmtree(run_dir.work)
@@ -183,7 +189,8 @@ def run(args: argparse.Namespace) -> Path:
     rounding = {"rounding": Rounding(args.rounding)} if args.rounding else {}  # else QuantizeJob's default
     job = QuantizeJob(source, args.precision, args.calibration, args.calibration_samples,
                       args.calibration_max_tokens, eval_set=None if args.scorer else eval_set,
-                      low_rank_correction=args.low_rank_correction, group_size=args.group_size, **rounding)
+                      low_rank_correction=args.low_rank_correction, group_size=args.group_size, **rounding,
+                      **scales)
     started = time.monotonic()
     try:
         result = quantizer(job, work)

@@ -76,6 +76,7 @@ def quantize(job: QuantizeJob, work: Path) -> MethodResult:
     python = venv_python()
     scheme = SCHEMES[job.precision]
     group = group_size_for(job.source, job.group_size) if job.precision is Precision.W4A16 else None
+    scales = job.scales.value if job.precision is Precision.W4A16 else None
     texts = calibration_texts(job.calibration, job.calibration_samples, job.source)
     calibration_dtype = compute_dtype_here(Precision.BF16)  # float32 on a CPU that only emulates bf16
     vllm_refuses = _vllm_refuses(job.precision)
@@ -84,7 +85,7 @@ def quantize(job: QuantizeJob, work: Path) -> MethodResult:
         spec = Path(tmp) / "spec.json"
         raw_path = Path(tmp) / "raw.json"
         spec.write_text(json.dumps({"source": str(job.source), "output": str(work), "scheme": scheme,
-                                    "group_size": group, "texts": texts,
+                                    "group_size": group, "scales": scales, "texts": texts,
                                     "max_tokens": job.calibration_max_tokens, "seed": job.seed,
                                     "calibration_dtype": calibration_dtype,
                                     "eval_set": job.eval_set if score_here else None, "raw": str(raw_path),
@@ -94,12 +95,14 @@ def quantize(job: QuantizeJob, work: Path) -> MethodResult:
     copy_tokenizer(job.source, work)
     smooth = job.precision is Precision.W8A8
     return MethodResult(
-        method=f"{'SmoothQuant + ' if smooth else ''}GPTQ {scheme} (llm-compressor, compressed-tensors)",
+        method=f"{'SmoothQuant + ' if smooth else ''}GPTQ {scheme}{', MSE-searched scales' if scales == 'mse' else ''} "
+               "(llm-compressor, compressed-tensors)",
         libraries=_tool_versions(python),
         scorer=SCORED_IN_TOOL if raw is not None else "vllm",
         raw_quality=raw,
         calibration=calibration_entry(job.calibration, len(texts), job.calibration_max_tokens),
-        settings={"scheme": scheme, "group_size": group, "ignore": ["lm_head"],
+        settings={"scheme": scheme, "group_size": group, **({"scales": scales} if scales else {}),
+                  "ignore": ["lm_head"],
                   "smoothing_strength": 0.8 if smooth else None,
                   "calibration_dtype": calibration_dtype,
                   "tool_environment": str(venv_dir())},

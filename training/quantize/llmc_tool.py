@@ -13,19 +13,23 @@ from pathlib import Path
 from typing import Any
 
 
-def recipe(scheme: str, group_size: int | None = None) -> list[Any]:
+def recipe(scheme: str, group_size: int | None = None, scales: str | None = None) -> list[Any]:
     """W4A16: GPTQ on the weights. W8A8: SmoothQuant moves activation outliers into weights first.
 
     ``group_size`` replaces the preset's 128 for grouped schemes: 128 must divide every input width,
-    and small models (hidden size 576) need 64 or 32.
+    and small models (hidden size 576) need 64 or 32. ``scales="mse"`` searches each group's clipping for the
+    least rounding error (llm-compressor's MSE observer) where the preset takes the group's min and max.
     """
     from compressed_tensors.quantization import preset_name_to_scheme
     from llmcompressor.modifiers.quantization import GPTQModifier
     from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
 
-    if group_size and scheme == "W4A16":
+    if scheme == "W4A16":
         groups = preset_name_to_scheme(scheme, ["Linear"])
-        groups.weights.group_size = group_size
+        if group_size:
+            groups.weights.group_size = group_size
+        if scales == "mse":
+            groups.weights.observer = "memoryless_mse"
         gptq = GPTQModifier(config_groups={"group_0": groups}, ignore=["lm_head"])
     else:
         gptq = GPTQModifier(targets="Linear", scheme=scheme, ignore=["lm_head"])
@@ -45,7 +49,8 @@ def main(spec: dict[str, Any]) -> None:
     model = AutoModelForCausalLM.from_pretrained(spec["source"], dtype=dtype)
     rows = [tokenizer(t, truncation=True, max_length=spec["max_tokens"]) for t in spec["texts"]]
     dataset = Dataset.from_list([{"input_ids": r["input_ids"], "attention_mask": r["attention_mask"]} for r in rows])
-    oneshot(model=model, dataset=dataset, recipe=recipe(spec["scheme"], spec.get("group_size")), max_seq_length=spec["max_tokens"],
+    modifiers = recipe(spec["scheme"], spec.get("group_size"), spec.get("scales"))
+    oneshot(model=model, dataset=dataset, recipe=modifiers, max_seq_length=spec["max_tokens"],
             num_calibration_samples=len(rows))
     model.to(torch.bfloat16).save_pretrained(spec["output"], save_compressed=True)
     if spec.get("eval_set"):

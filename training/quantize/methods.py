@@ -59,6 +59,32 @@ class Rounding(str, enum.Enum):
         return self is Rounding.GPTQ_ACT_ORDER
 
 
+class Scales(str, enum.Enum):
+    """How w4a16 sets each group's scale (``--scales``)."""
+
+    MSE = "mse"
+    """Searched: the clipping of the group's range whose rounding leaves the least squared error (the default).
+    On the steered default it halves the perplexity lost to 4 bits (ratio 1.290 -> 1.108 at groups of 32, as
+    GPTQModel's gptq-w4 gets; benchmarks/results/guided-precisions/)."""
+    MINMAX = "minmax"
+    """The group's largest magnitude: nothing clipped, so every other weight of the group rounds on coarser steps."""
+
+
+SETTINGS_RECORDED_SINCE: dict[Precision, str] = {Precision.W4A16: "scales"}
+"""A manifest setting a build of the precision has recorded since its method last changed: a cached build without
+it was made the old way (w4a16 before MSE-searched scales) and is rebuilt rather than served."""
+
+
+def predates_current_method(manifest: dict[str, Any]) -> bool:
+    """Whether a finished build's manifest was written before its precision's method last changed."""
+    try:
+        precision = Precision(manifest.get("precision"))
+    except ValueError:
+        return False
+    setting = SETTINGS_RECORDED_SINCE.get(precision)
+    return setting is not None and setting not in (manifest.get("settings") or {})
+
+
 class Unavailable(RuntimeError):
     """This precision cannot be produced on this machine; the message says why in one line."""
 
@@ -79,6 +105,8 @@ class QuantizeJob:
     """nf4 only: how each weight's code is chosen."""
     low_rank_correction: int = 0
     """nf4 only: rank of the per-layer correction of the rounding error kept beside the weights (0: none)."""
+    scales: Scales = Scales.MSE
+    """w4a16 only: how each group's scale is set."""
     group_size: int | None = None
     """Grouped 4/8-bit GPTQ formats (gptq-w4, gptq-w8, w4a16): input columns per scale; None: the largest of
     128, 64, 32 that divides every layer's input width."""
