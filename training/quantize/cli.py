@@ -173,10 +173,11 @@ def run(args: argparse.Namespace) -> Path:
         if reason := precision_unavailable(args.precision, detect_platform()):
             raise ValueError(f"--scorer vllm cannot score {args.precision.value} here: {reason}")
     quantizer = load_quantizer(args.precision)
-    grouping = {"group_size": args.group_size} if args.group_size is not None else {}
-    scales = {"scales": Scales(args.scales)} if args.scales else {}  # else QuantizeJob's default
+    asked = {"group_size": args.group_size} if args.group_size is not None else {}  # kept in the fingerprint
+    if args.scales:
+        asked["scales"] = args.scales
     run_dir = RunDir(args.output, {"recipe": "quantize", "source": str(source), "precision": args.precision.value,
-                                   **grouping, **{name: value.value for name, value in scales.items()}},
+                                   **asked},
                      force=args.force)
     if run_dir.work.exists():  # a crashed quantization is cheaper to redo than to trust
         shutil.rmtree(run_dir.work)
@@ -187,6 +188,7 @@ def run(args: argparse.Namespace) -> Path:
     source_quality = measure_source(source, Precision(info["precision"]), eval_set, args.cache_dir)
     logger.info("source quality: %s", source_quality)
     rounding = {"rounding": Rounding(args.rounding)} if args.rounding else {}  # else QuantizeJob's default
+    scales = {"scales": Scales(args.scales)} if args.scales else {}
     job = QuantizeJob(source, args.precision, args.calibration, args.calibration_samples,
                       args.calibration_max_tokens, eval_set=None if args.scorer else eval_set,
                       low_rank_correction=args.low_rank_correction, group_size=args.group_size, **rounding,
