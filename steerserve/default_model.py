@@ -124,6 +124,13 @@ def checked_precision(label: str, precision: str, offered: tuple[str, ...] | Non
     return precision
 
 
+def is_current_build(path: Path) -> bool:
+    """Whether ``path`` holds a finished build (its manifest.json) made the way quantize makes its precision now;
+    one made before the method changed (``predates_current_method``) is neither served nor reused."""
+    manifest = path / "manifest.json"
+    return manifest.is_file() and not predates_current_method(json.loads(manifest.read_text()))
+
+
 def quantize_once(source: str, precision: str, output: Path, cache_dir: Path, *pinned: str) -> Path:
     """``steerserve quantize source --precision precision`` into ``output``, unless a finished build (its
     manifest.json) is already there; one made before its precision's method last changed is rebuilt. The builds the
@@ -131,11 +138,10 @@ def quantize_once(source: str, precision: str, output: Path, cache_dir: Path, *p
     manifest's quality line, quick on 2 cores."""
     from steerserve.training.quantize.cli import build_parser, run
 
-    outdated = False
-    if (output / "manifest.json").is_file():
-        outdated = predates_current_method(json.loads((output / "manifest.json").read_text()))
-        if not outdated:
-            return output
+    if is_current_build(output):
+        return output
+    outdated = (output / "manifest.json").is_file()
+    if outdated:
         logger.info("rebuilding %s: made before quantize's %s method last changed", output, precision)
     logger.info("quantizing %s to %s at %s (once)", source, precision, output)
     args = build_parser().parse_args([source, "--precision", precision, "--output", str(output),

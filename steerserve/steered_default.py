@@ -190,6 +190,7 @@ def resolve_steered(text: str, cache_dir: Path) -> Path | None:
 
 def built_steered_specs(shipped: Path, cache: Path) -> list[VariantSpec]:
     """A variant for every ``steered:<precision>`` of the shipped adapter already built in ``cache``."""
+    from steerserve.default_model import is_current_build
     from steerserve.precision import Precision
     from steerserve.server.settings import VariantSpec
 
@@ -199,7 +200,12 @@ def built_steered_specs(shipped: Path, cache: Path) -> list[VariantSpec]:
     if not (builds[Precision.NF4] / "manifest.json").is_file():
         logger.warning("%s:nf4 not served: not built yet (once, ~4.5 min on 2 cores): steerserve serve --model "
                        "%s:nf4", STEERED_ID, STEERED_ID)
-    return [VariantSpec(path=str(build)) for build in builds.values() if (build / "manifest.json").is_file()]
+    for precision, build in builds.items():
+        if (build / "manifest.json").is_file() and not is_current_build(build):
+            logger.warning("%s:%s not served: built before quantize's %s method changed; steerserve serve --model "
+                           "%s:%s rebuilds it", STEERED_ID, precision.value, precision.value, STEERED_ID,
+                           precision.value)
+    return [VariantSpec(path=str(build)) for build in builds.values() if is_current_build(build)]
 
 
 def default_model_specs(shipped: Path = SHIPPED_DIR, cache_dir: Path | None = None) -> list[VariantSpec]:

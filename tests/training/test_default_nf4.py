@@ -173,3 +173,23 @@ def test_steered_gptq_w4_pins_groups_of_32_in_a_folder_of_its_own(tmp_path: Path
     pinned = [subprocess.run([sys.executable, "-m", "steerserve.steered_default", "pinned", p], capture_output=True,
                              text=True, check=True).stdout.split() for p in ("gptq-w4", "nf4")]
     assert pinned == [["--group-size", "32"], []]  # what make steered-precisions adds to each quantize
+
+
+def test_a_steered_build_from_before_its_method_changed_is_not_served(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """A cached ``steered:w4a16`` with min-max scales (its manifest records no ``scales``) is left out of what
+    ``steerserve serve`` serves with no ``--model``; one made the current way is served."""
+    from adapter_helpers import make_adapter
+    from steerserve.steered_default import built_steered_specs, quantized_steered_path
+
+    cache, shipped = tmp_path / "cache", tmp_path / "models"
+    converted = _tiny_default(cache, tiny_model_dir)
+    make_adapter(converted, shipped / "acsft", seed=1, rank=4,
+                 manifest={"name": "steered", "recipe": "acsft", "base_model": DEFAULT_MODEL_NAME})
+    build = quantized_steered_path(cache, "w4a16", shipped)
+    build.mkdir(parents=True)
+    settings = {"scheme": "W4A16", "group_size": 32}
+    (build / "manifest.json").write_text(json.dumps({"name": "steered", "precision": "w4a16", "settings": settings}))
+    assert built_steered_specs(shipped, cache) == []
+    settings["scales"] = "mse"
+    (build / "manifest.json").write_text(json.dumps({"name": "steered", "precision": "w4a16", "settings": settings}))
+    assert [s.path for s in built_steered_specs(shipped, cache)] == [str(build)]
