@@ -200,12 +200,15 @@ def built_steered_specs(shipped: Path, cache: Path) -> list[VariantSpec]:
     if not (builds[Precision.NF4] / "manifest.json").is_file():
         logger.warning("%s:nf4 not served: not built yet (once, ~4.5 min on 2 cores): steerserve serve --model "
                        "%s:nf4", STEERED_ID, STEERED_ID)
+    served = []
     for precision, build in builds.items():
-        if (build / "manifest.json").is_file() and not is_current_build(build):
+        if is_current_build(build):
+            served.append(VariantSpec(path=str(build)))
+        elif (build / "manifest.json").is_file():
             logger.warning("%s:%s not served: built before quantize's %s method changed; steerserve serve --model "
                            "%s:%s rebuilds it", STEERED_ID, precision.value, precision.value, STEERED_ID,
                            precision.value)
-    return [VariantSpec(path=str(build)) for build in builds.values() if is_current_build(build)]
+    return served
 
 
 def default_model_specs(shipped: Path = SHIPPED_DIR, cache_dir: Path | None = None) -> list[VariantSpec]:
