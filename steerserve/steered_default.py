@@ -222,7 +222,7 @@ def default_model_specs(shipped: Path = SHIPPED_DIR, cache_dir: Path | None = No
     ``steerserve serve`` should not wait for. The log says how.
     """
     from steerserve.default_model import (
-        CACHE_DIR, DEFAULT_MODEL, DEFAULT_MODEL_NAME, default_precision, quantized_default_path,
+        CACHE_DIR, DEFAULT_MODEL, DEFAULT_MODEL_NAME, default_precision, is_current_build, quantized_default_path,
     )
     from steerserve.server.settings import VariantSpec
 
@@ -232,10 +232,11 @@ def default_model_specs(shipped: Path = SHIPPED_DIR, cache_dir: Path | None = No
         spec = base_spec(adapter)
         built = default_precision(spec.path)  # bf16 unless the base is a default:<precision> build
         base_id = f"{DEFAULT_MODEL_NAME}:{spec.precision or built}"
-        if built != "bf16" and not (quantized_default_path(cache, built) / "manifest.json").is_file():
-            logger.warning("%s not served: its base %s is not built yet (once, ~2.5 min on 2 cores): "
-                           "steerserve serve --model %s --model %s,base=%s", adapter, spec.path, spec.path,
-                           adapter, base_id)
+        if built != "bf16" and not is_current_build(base := quantized_default_path(cache, built)):
+            why = "was built before quantize's method changed" if (base / "manifest.json").is_file() else \
+                "is not built yet (once, ~2.5 min on 2 cores)"
+            logger.warning("%s not served: its base %s %s: steerserve serve --model %s --model %s,base=%s",
+                           adapter, spec.path, why, spec.path, adapter, base_id)
             continue
         if spec not in bases:
             bases.append(spec)

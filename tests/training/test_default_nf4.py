@@ -20,9 +20,11 @@ from live_server import LiveServer
 from training_helpers import FAST, run_recipe
 
 from steerserve.default_model import DEFAULT_MODEL_NAME, default_precision, quantized_default_dir, resolve_default
+from steerserve.precision import Precision
 from steerserve.training.acsft import ACSFTRecipeConfig
 from steerserve.training.config import ConfigError, load_config
 from steerserve.training.manifest import read_manifest
+from steerserve.training.quantize.methods import SETTINGS_RECORDED_SINCE
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
 pytest.importorskip("bitsandbytes")
@@ -83,6 +85,9 @@ def test_default_nf4_is_built_once_trained_on_and_serves_the_packaged_adapter(
     assert [(s.path, s.precision, s.base) for s in specs] == [
         ("default", None, None), ("default:nf4", None, None),
         (str(shipped / "acsft-nf4"), None, f"{DEFAULT_MODEL_NAME}:nf4")]
+    with monkeypatch.context() as changed:  # once nf4's method changes, the cached base is outdated: not served
+        changed.setitem(SETTINGS_RECORDED_SINCE, Precision.NF4, "a-setting-nf4-builds-record-from-now-on")
+        assert [s.path for s in default_model_specs(shipped, cache_dir=cache)] == ["default"]
 
     settings = ServerSettings(models=specs, engine="transformers", cache_dir=cache, max_model_len=512)
     with LiveServer(create_app(settings)) as server:
