@@ -66,8 +66,10 @@ BENCH_PROMPTS ?= 80
 STEERED_SOURCE ?= $(SHIPPED)/acsft
 steered-precisions:
 	for p in $(PRECISIONS); do \
-	    [ -f $(RUNS)/q/$$p/manifest.json ] || steerserve quantize $(STEERED_SOURCE) --precision $$p --output $(RUNS)/q/$$p \
-	        --eval-chars 8000 --mcq-per-subject 1 $$(python -m steerserve.steered_default pinned $$p) || exit 1; \
+	    python -m steerserve.steered_default current $(RUNS)/q/$$p || steerserve quantize $(STEERED_SOURCE) \
+	        --precision $$p --output $(RUNS)/q/$$p --eval-chars 8000 --mcq-per-subject 1 \
+	        $$(python -m steerserve.steered_default pinned $$p) $$([ -f $(RUNS)/q/$$p/manifest.json ] && echo --force) \
+	        || exit 1; \
 	done
 	steerserve bench steerability $(foreach p,$(PRECISIONS),--variant $(RUNS)/q/$(p)) --num-prompts $(BENCH_PROMPTS) \
 	    --answer-tokens 512 --parallel 16 --apm $(RUNS)/apm --output $(RUNS)/bench/steerability-precisions

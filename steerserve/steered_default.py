@@ -248,6 +248,11 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "pinned":  # for make: the quantize options a steered build adds
         print(" ".join(STEERED_PINNED.get(sys.argv[2], ())))
         sys.exit(0)
+    if len(sys.argv) == 3 and sys.argv[1] == "current":  # for make: keep a build only if quantize makes it so now
+        from steerserve.default_model import is_current_build
+
+        sys.exit(0 if is_current_build(Path(sys.argv[2])) else 1)
     if len(sys.argv) != 4 or sys.argv[1] != "package":
-        sys.exit("usage: python -m steerserve.steered_default package RUNS_DIR SHIPPED_DIR | pinned PRECISION")
+        sys.exit("usage: python -m steerserve.steered_default package RUNS_DIR SHIPPED_DIR | pinned PRECISION | "
+                 "current BUILD_DIR")
     sys.exit(0 if package(Path(sys.argv[2]), Path(sys.argv[3])) else 1)
