@@ -45,6 +45,8 @@ class BenchTarget:
     """How hard the server pushes the complexity slider while decoding (its model card; 0: not at all)."""
     verbosity_guidance: float = 0.0
     """How hard the server pushes the verbosity slider (the end-of-turn token) while decoding (its model card)."""
+    loop_guard: int = 0
+    """Copies in a row that end a looping answer on the server (its model card; 0: loops run to the cap)."""
 
     @property
     def label(self) -> str:
@@ -91,7 +93,7 @@ def model_cards(url: str) -> list[dict]:
 def _target(url: str, card: dict, spec: str | None) -> BenchTarget:
     return BenchTarget(url=url, model=card["id"], engine=card["engine"], precision=card["precision"],
                        root=card["root"], spec=spec, reading_level_guidance=card.get("reading_level_guidance", 0.0),
-                       verbosity_guidance=card.get("verbosity_guidance", 0.0))
+                       verbosity_guidance=card.get("verbosity_guidance", 0.0), loop_guard=card.get("loop_guard", 0))
 
 
 @contextmanager

@@ -127,13 +127,14 @@ def describe_decoding(params: dict[str, Any]) -> str:
 
 
 def answer_id(prompt: str, index: int, attributes: tuple[tuple[str, int], ...], guidance: float = 0.0,
-              verbosity_guidance: float = 0.0) -> str:
+              verbosity_guidance: float = 0.0, loop_guard: int = 0) -> str:
     """A request's name in the answer log: prompt index, its full attribute line, and the prompt's hash; and the
-    server's reading-level and verbosity guidance where on, so answers decoded with another strength are never
+    server's reading-level and verbosity guidance and loop guard where on, so answers decoded otherwise are never
     reused."""
     line = ",".join(f"{name}:{level}" for name, level in attributes)
     guided = f"|guidance:{guidance:g}" if guidance else ""
     guided += f"|verbosity-guidance:{verbosity_guidance:g}" if verbosity_guidance else ""
+    guided += f"|loop-guard:{loop_guard}" if loop_guard else ""
     return f"{index}|{line}|{hashlib.sha256(prompt.encode()).hexdigest()[:16]}{guided}"
 
 
@@ -157,8 +158,8 @@ async def _answers(target: BenchTarget, prompts: list[str], max_tokens: int, par
 
     jobs = [(name, level, i) for name in sliders for level in LEVELS for i in range(len(prompts))]
     requests = {request_key(*job): job for job in reversed(jobs)}
-    ids = {key: answer_id(prompts[key[0]], *key, target.reading_level_guidance, target.verbosity_guidance)
-           for key in requests}
+    ids = {key: answer_id(prompts[key[0]], *key, target.reading_level_guidance, target.verbosity_guidance,
+                          target.loop_guard) for key in requests}
     limit = asyncio.Semaphore(parallel)
     params = dict(params or {"temperature": 0.0})
 
@@ -268,7 +269,7 @@ def measure(target: BenchTarget, args: argparse.Namespace, answer_log: AnswerLog
                                    args.sliders, args.request_timeout))
     result = {"summary": summarize(answers), "answers": answers, "prompts": prompts, "max_tokens": max_tokens,
               "decoding": params, "reading_level_guidance": target.reading_level_guidance,
-              "verbosity_guidance": target.verbosity_guidance}
+              "verbosity_guidance": target.verbosity_guidance, "loop_guard": target.loop_guard}
     if args.apm:
         result["default_slider_apm"] = default_slider_quality(args.apm, prompts, answers)
     return result
@@ -319,6 +320,15 @@ def _guidance_note(results: dict[str, dict[str, Any]], slider: str) -> str:
     return f" ({what}, {unit} at level 0: " + ", ".join(f"{label} {value:g}" for label, value in guided.items()) + ")"
 
 
+def _loop_note(results: dict[str, dict[str, Any]]) -> str:
+    """Which servers ended looping answers (their loop guard), in one sentence; none: empty."""
+    guarded = {label: r.get("loop_guard", 0) for label, r in results.items()}
+    if not any(guarded.values()):
+        return ""
+    return ("Loop guard (an answer ends at the Nth copy in a row of a repeated stretch of tokens): "
+            + ", ".join(f"{label} {n or 'off'}" for label, n in guarded.items()) + ". ")
+
+
 def _sweep_table(results: dict[str, dict[str, Any]], name: str, head: list[str]) -> str:
     """One slider's table: the measure per level, Spearman, the level-4 vs level-0 effect, the target check."""
     results = swept(results, name)
@@ -347,8 +357,9 @@ def finish(results: dict[str, dict[str, Any]], refs: dict[str, Any],
     text = (f"{count} prompts x 5 levels per slider ({others}), {describe_decoding(decoding(args))}, max "
             f"{max_tokens} tokens per answer (truncated = share of answers cut by that cap; looping = share whose "
             f"second half repeats, under half its {LOOP_WORDS}-word sequences distinct; unfinished = share of the "
-            f"answers that ended on their own whose last sentence is unfinished, per level). Targets: monotone, "
-            f"chars x3 from verbosity 0 to 4, +2 grades from complexity 0 to 4. Paper: {PAPER_SOURCE}.\n"
+            f"answers that ended on their own whose last sentence is unfinished, per level). {_loop_note(results)}"
+            f"Targets: monotone, chars x3 from verbosity 0 to 4, +2 grades from complexity 0 to 4. "
+            f"Paper: {PAPER_SOURCE}.\n"
             + "".join(_sweep_table(results, name, head) for name in args.sliders)
             + _quality_table(results))
     fig, axes = figure(len(args.sliders), width=5.0)

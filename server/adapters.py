@@ -30,7 +30,9 @@ from steerserve.precision import lora_base_precision
 from steerserve.prompts import SteeringMethod
 from steerserve.server.engines.base import AdapterConfig, AdaptersUnsupported
 from steerserve.server.settings import ServerSettings, VariantSpec
-from steerserve.server.variants import Variant, build_variant, guidance_strength, read_manifest, verbosity_strength
+from steerserve.server.variants import (
+    Variant, build_variant, guidance_strength, loop_copies, read_manifest, verbosity_strength,
+)
 from steerserve.staging import staged_directory
 
 logger = logging.getLogger(__name__)
@@ -112,6 +114,7 @@ def build_adapter_variant(spec: VariantSpec, settings: ServerSettings, base: Var
                 tokenizer_path=tokenizer, base=base.id, served_as="lora", served_as_reason=None, prepare=None,
                 reading_level_guidance=guidance_strength(spec, settings), reading_guide=None, complexity_biases={},
                 verbosity_guidance=verbosity_strength(spec, settings), end_guide=None,
+                loop_guard=loop_copies(spec, settings),
             )
     if not base.precision.is_float and base.engine_name == "transformers" and not spec.merged:
         return _unmerged_variant(spec, settings, base, source, model_id, reason)

@@ -130,6 +130,7 @@ def model_card(variant: Variant) -> ModelCard:
         served_as_reason=variant.served_as_reason,
         reading_level_guidance=variant.reading_level_guidance,
         verbosity_guidance=variant.verbosity_guidance,
+        loop_guard=variant.loop_guard,
     )
 
 

@@ -121,6 +121,7 @@ class Generator:
             logit_bias=logit_bias,
             guidance=guidance,
             end_push=end_push,
+            loop_repeats=0 if ignore_eos else variant.loop_guard,
         )
         return Prepared(variant, prompt, ids, options, random_id("req"))
 

@@ -265,6 +265,8 @@ class ModelCard(BaseModel):
     """Logits per syllable the complexity slider pushes with at level 0 (0: the prompt alone steers it)."""
     verbosity_guidance: float = 0.0
     """Logits the verbosity slider pushes the end-of-turn token up by at level 0 (0: the prompt alone steers it)."""
+    loop_guard: int = 0
+    """Copies in a row of a stretch of tokens that end an answer (0: loops run to max_tokens)."""
 
 
 class ModelList(BaseModel):

@@ -76,6 +76,8 @@ class Variant:
     (:mod:`steerserve.verbosity_guidance`)."""
     end_guide: EndGuide | None = None
     """This tokenizer's end-of-turn and sentence-end tokens; built with the tokenizer when verbosity guidance is on."""
+    loop_guard: int = 0
+    """Copies in a row of a stretch of tokens that end an answer (:mod:`steerserve.loop_guard`); 0: off."""
 
     def apply_template(self, messages: list[dict[str, str]]) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -195,6 +197,7 @@ def build_variant(spec: VariantSpec, settings: ServerSettings, path: Path, adapt
         manifest=manifest,
         reading_level_guidance=guidance_strength(spec, settings),
         verbosity_guidance=verbosity_strength(spec, settings),
+        loop_guard=loop_copies(spec, settings),
     )
 
 
@@ -206,6 +209,11 @@ def guidance_strength(spec: VariantSpec, settings: ServerSettings) -> float:
 def verbosity_strength(spec: VariantSpec, settings: ServerSettings) -> float:
     """The variant's own ``verbosity_guidance``, else the server's."""
     return settings.verbosity_guidance if spec.verbosity_guidance is None else spec.verbosity_guidance
+
+
+def loop_copies(spec: VariantSpec, settings: ServerSettings) -> int:
+    """The variant's own ``loop_guard``, else the server's."""
+    return settings.loop_guard if spec.loop_guard is None else spec.loop_guard
 
 
 def prepare_variant(variant: Variant) -> None:

@@ -59,6 +59,9 @@ def _serve_parser() -> argparse.ArgumentParser:
                         help="how hard the verbosity slider pushes the end-of-turn token up at level 0, in logits "
                              "(default 6; 0: the prompt alone steers length); per variant: --model PATH,"
                              "verbosity_guidance=X")
+    parser.add_argument("--loop-guard", type=int, metavar="COPIES",
+                        help="end an answer once its tail repeats the same stretch of tokens this many times in a "
+                             "row (default 4; 0: loops run to max_tokens); per variant: --model PATH,loop_guard=N")
     parser.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
     return parser
 
@@ -75,7 +78,7 @@ def serve_settings(argv: list[str]) -> ServerSettings:
         key: getattr(args, key)
         for key in ("engine", "host", "port", "api_key", "max_model_len", "max_num_seqs", "kv_cache_gib",
                     "enforce_eager", "tensor_parallel_size", "pipeline_parallel_size", "default_max_tokens",
-                    "log_level", "reading_level_guidance", "verbosity_guidance")
+                    "log_level", "reading_level_guidance", "verbosity_guidance", "loop_guard")
         if getattr(args, key) is not None
     }
     if args.model:

@@ -151,6 +151,9 @@ class SamplingOptions:
     """The complexity slider's reading-level bias (None at level 4 or with guidance off)."""
     end_push: EndPush | None = None
     """The verbosity slider's push on the end-of-turn token at sentence ends (None at level 4 or when off)."""
+    loop_repeats: int = 0
+    """The loop guard (:mod:`steerserve.loop_guard`): the answer ends once its tail repeats a stretch of tokens
+    this many times in a row; 0: off."""
 
     @functools.cached_property
     def total_logit_bias(self) -> LogitBias | None:
@@ -169,7 +172,7 @@ class SamplingOptions:
     @property
     def adjusts_logits(self) -> bool:
         """Whether the logits change before the argmax: a logit bias or any penalty."""
-        return (self.penalized or self.min_tokens > 0 or self.end_push is not None
+        return (self.penalized or self.min_tokens > 0 or self.end_push is not None or self.loop_repeats > 0
                 or bool(self.total_logit_bias and self.total_logit_bias.ids))
 
 

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import logging
 import threading
 from collections.abc import Iterator, Sequence as Seq
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from steerserve.server.engines.base import SamplingOptions
 from steerserve.server.engines.sampling import sample_tokens
+
+if TYPE_CHECKING:
+    from steerserve.loop_guard import LoopWatch
 
 logger = logging.getLogger(__name__)
 
@@ -175,6 +179,13 @@ class Sequence:
     aborted: bool = False  # set by the event loop; the worker drops the row at its next step
     closed: bool = False  # event-loop side: the final delta was delivered (or the consumer left)
     queued_s: float | None = None
+
+    @functools.cached_property
+    def loop_watch(self) -> LoopWatch | None:
+        """The loop guard's watch over this choice's output (:mod:`steerserve.loop_guard`), when asked for."""
+        from steerserve.loop_guard import LoopWatch
+
+        return LoopWatch(self.options.loop_repeats) if self.options.loop_repeats > 0 else None
 
     @property
     def num_tokens(self) -> int:

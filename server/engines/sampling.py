@@ -5,7 +5,8 @@ options, so they follow vLLM's order and definitions: a logit bias first (added 
 repetition penalty, over every
 token of the prompt or the output (positive logits divided by it, negative ones multiplied, as
 transformers does too), then OpenAI's frequency and presence penalties over the output tokens only.
-All of them act before the greedy argmax and before temperature.
+All of them act before the greedy argmax and before temperature. The loop guard (:mod:`steerserve.loop_guard`)
+overrides them all: once the answer loops, the end-of-sequence token is the only choice.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
+    from steerserve.loop_guard import LoopWatch
     from steerserve.server.engines.base import SamplingOptions
     from steerserve.server.engines.hf_scheduler import Sequence
 
@@ -39,13 +41,17 @@ def apply_penalties(logits: torch.Tensor, prompt_ids: Seq[int], output_ids: Seq[
 
 
 def adjust_logits(logits: torch.Tensor, prompt_ids: Seq[int], output_ids: Seq[int],
-                  options: SamplingOptions, eos_ids: Iterable[int] = ()) -> None:
+                  options: SamplingOptions, eos_ids: Iterable[int] = (), loop_watch: LoopWatch | None = None) -> None:
     """One row of float32 ``logits`` biased (the verbosity slider's end push with the bias), then penalised, in
     place (vLLM's order); the end-of-sequence tokens masked while the output is shorter than ``min_tokens`` (as
-    vLLM's min-tokens processor does)."""
+    vLLM's min-tokens processor does), and made the only choice once ``loop_watch`` sees the answer loop."""
+    ends = [i for i in eos_ids if i < logits.shape[-1]]
     if len(output_ids) < options.min_tokens and not options.ignore_eos:
-        ends = [i for i in eos_ids if i < logits.shape[-1]]
         logits[ends] = float("-inf")
+    elif loop_watch is not None and ends and not options.ignore_eos and loop_watch.feed(output_ids):
+        logits.fill_(float("-inf"))
+        logits[ends] = 0.0
+        return
     bias = options.total_logit_bias
     if bias is not None and bias.ids:
         ids, values = bias.tensors
@@ -63,7 +69,7 @@ def sample_tokens(logits: torch.Tensor, seqs: Seq[Sequence]) -> list[int]:
     temperature 0, else top-p with the row's generator."""
     for row, seq in enumerate(seqs):
         if seq.options.adjusts_logits:
-            adjust_logits(logits[row], seq.prompt_ids, seq.output_ids, seq.options, seq.eos_ids)
+            adjust_logits(logits[row], seq.prompt_ids, seq.output_ids, seq.options, seq.eos_ids, seq.loop_watch)
     greedy = logits.argmax(-1).tolist()
     tokens = []
     for row, seq in enumerate(seqs):

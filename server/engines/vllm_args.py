@@ -152,6 +152,9 @@ READING_LEVEL_PROCESSOR = "steerserve.server.engines.vllm_reading_level:ReadingL
 VERBOSITY_PROCESSOR = "steerserve.server.engines.vllm_verbosity:VerbosityLogitsProcessor"
 """The verbosity slider's end-push processor; installed on every engine (an adapter on the engine may push even
 where its base does not), idle while no request asks for it."""
+LOOP_GUARD_PROCESSOR = "steerserve.server.engines.vllm_loop_guard:LoopGuardLogitsProcessor"
+"""The loop guard's processor (:mod:`steerserve.loop_guard`); installed on every engine, idle while no request
+asks for it."""
 
 
 def slider_extra_arg(extra_args: dict[str, Any] | None, key: str, slider: str) -> tuple[int, float] | None:
@@ -198,7 +201,7 @@ def engine_kwargs(config: EngineConfig, platform: VLLMPlatform, lora: LoRASlots 
         kwargs["enable_chunked_prefill"] = False
     kwargs.update(_quantization(config.precision, platform))
     kwargs["logits_processors"] = [READING_LEVEL_PROCESSOR] if config.reading_level_guidance > 0 else []
-    kwargs["logits_processors"].append(VERBOSITY_PROCESSOR)
+    kwargs["logits_processors"] += [VERBOSITY_PROCESSOR, LOOP_GUARD_PROCESSOR]
     if lora is not None:
         kwargs.update(enable_lora=True, max_lora_rank=lora.max_lora_rank)
         kwargs["max_loras"] = kwargs["max_cpu_loras"] = _lora_slot_count(lora, platform)

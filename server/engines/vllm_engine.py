@@ -46,7 +46,6 @@ from steerserve.server.engines.base import (
     EngineOverloaded,
     InvalidRequest,
     EngineRequest,
-    EndPush,
     GenerationDelta,
     SamplingOptions,
 )
@@ -54,6 +53,7 @@ from steerserve.server.engines.vllm_args import (READING_LEVEL_PROCESSOR, LoRASl
                                                  lora_rank_slot)
 from steerserve.server.engines.vllm_args import configure_cpu_threads as _configure_cpu_threads
 from steerserve.server.engines.vllm_lora import VLLMAdapterEngine, lora_problems
+from steerserve.server.engines.vllm_loop_guard import LOOP_GUARD_ARG
 from steerserve.server.engines.vllm_reading_level import READING_LEVEL_ARG
 from steerserve.server.engines.vllm_verbosity import VERBOSITY_ARG
 from steerserve.server.engines.vllm_stats import StepStatLogger, StepStats
@@ -322,20 +322,23 @@ def _sampling_params(options: SamplingOptions, n: int, guided: bool = False) -> 
             frequency_penalty=options.frequency_penalty,
             repetition_penalty=options.repetition_penalty,
             logit_bias=bias.as_dict if bias else None,
-            extra_args=_extra_args(reading_level, options.end_push),
+            extra_args=_extra_args(reading_level, options),
             output_kind=RequestOutputKind.DELTA,
         )
     except VLLMValidationError as exc:
         raise InvalidRequest(str(exc)) from exc
 
 
-def _extra_args(reading_level: tuple[int, float] | None, end_push: EndPush | None) -> dict[str, Any] | None:
-    """What our processors read from a request: the reading level, the verbosity push (as level and strength)."""
+def _extra_args(reading_level: tuple[int, float] | None, options: SamplingOptions) -> dict[str, Any] | None:
+    """What our processors read from a request: the reading level, the verbosity push (as level and strength),
+    the loop guard's copies."""
     args: dict[str, Any] = {}
     if reading_level is not None:
         args[READING_LEVEL_ARG] = list(reading_level)
-    if end_push is not None:
-        args[VERBOSITY_ARG] = [end_push.verbosity, end_push.strength]
+    if options.end_push is not None:
+        args[VERBOSITY_ARG] = [options.end_push.verbosity, options.end_push.strength]
+    if options.loop_repeats > 0 and not options.ignore_eos:
+        args[LOOP_GUARD_ARG] = options.loop_repeats
     return args or None
 
 

@@ -287,8 +287,8 @@ def test_a_sweep_stopped_mid_variant_goes_on_from_its_logged_answers(bench_serve
     # The outputs write an undefined grade as null; the log keeps the answer as measured (NaN).
     answers = [{k: float("nan") if v is None else v for k, v in a.items()} for a in first["variants"][label]["answers"]]
 
-    # Answers are logged under the server's strengths (its model card).
-    guidance = first["variants"][label]["reading_level_guidance"], first["variants"][label]["verbosity_guidance"]
+    # Answers are logged under the server's strengths and loop guard (its model card).
+    guidance = [first["variants"][label][key] for key in ("reading_level_guidance", "verbosity_guidance", "loop_guard")]
 
     def logged_id(answer: dict) -> str:
         line = tuple(sorted(resolve_attributes({answer["slider"]: answer["level"]}).items()))

@@ -23,8 +23,11 @@ from steerserve.server.engines.base import (
 )
 
 pytest.importorskip("vllm")
+from vllm import SamplingParams  # noqa: E402
+
 from steerserve.server.engines.vllm_args import detect_platform  # noqa: E402
 from steerserve.server.engines.vllm_engine import VLLMEngine, _sampling_params, checkpoint_weight_bytes  # noqa: E402
+from steerserve.server.engines.vllm_loop_guard import LOOP_GUARD_ARG, LoopGuardLogitsProcessor  # noqa: E402
 from steerserve.server.engines.vllm_reading_level import READING_LEVEL_ARG  # noqa: E402
 from steerserve.server.engines.vllm_verbosity import VERBOSITY_ARG  # noqa: E402
 
@@ -193,6 +196,30 @@ async def test_verbosity_push_runs_inside_vllm(engine: VLLMEngine, prompt_ids: l
 
     batch = await asyncio.gather(*(answer(f"vp{i}", **(pushed if i % 2 else {})) for i in range(6)))
     assert batch == [("." * 8, "length"), (".", "stop")] * 3
+
+
+async def test_loop_guard_runs_inside_vllm(engine: VLLMEngine, prompt_ids: list[int], tiny_model_dir: Path) -> None:
+    """A request asking for the loop guard reaches vLLM's processor with its copies and ends on its own output: with
+    "." forced by 100 logits the answer is a one-token loop, ended at the 32nd "." (the shortest loop the guard
+    sees); unguarded requests beside it in the batch, and a guarded one that ignores the end token, run on."""
+    from transformers import AutoTokenizer
+
+    from steerserve.loop_guard import MIN_LOOP_TOKENS
+
+    stop = AutoTokenizer.from_pretrained(tiny_model_dir).convert_tokens_to_ids(".")
+    args = dict(max_tokens=40, temperature=0.0, logit_bias=LogitBias.of({stop: 100.0}))
+    assert _sampling_params(SamplingOptions(**args, loop_repeats=4), n=1).extra_args == {LOOP_GUARD_ARG: 4}
+    assert not _sampling_params(SamplingOptions(**args, loop_repeats=4, ignore_eos=True), n=1).extra_args
+
+    async def answer(rid: str, **options) -> tuple[str, str | None]:
+        deltas = await collect(engine, request(prompt_ids, rid, **args, **options))
+        return text_of(deltas), deltas[-1].finish_reason
+
+    batch = await asyncio.gather(*(answer(f"lg{i}", **({"loop_repeats": 4} if i % 2 else {})) for i in range(4)))
+    assert batch == [("." * 40, "length"), ("." * MIN_LOOP_TOKENS, "stop")] * 2
+    params = SamplingParams(max_tokens=4, extra_args={LOOP_GUARD_ARG: 1})
+    with pytest.raises(ValueError, match=">= 2"):
+        LoopGuardLogitsProcessor.validate_params(params)
 
 
 async def test_guidance_travels_as_level_and_strength_only_where_the_processor_runs(tiny_model_dir: Path) -> None:

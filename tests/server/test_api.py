@@ -266,6 +266,23 @@ def test_verbosity_guidance_pushes_the_end_token_at_sentence_ends(tiny_model_dir
         assert answer("guided:bf16", 4) == answer("plain:bf16", 4)
 
 
+def test_loop_guard_ends_an_answer_at_its_loop(tiny_model_dir: Path) -> None:
+    """With "." forced by 100 logits the answer is a one-token loop: the guard ends it at the 32nd "." (the
+    shortest run it counts), for any number of copies the server asks; a variant's loop_guard=0, or a request's
+    ignore_eos, lets it run on to max_tokens."""
+    from transformers import AutoTokenizer
+
+    stop = AutoTokenizer.from_pretrained(tiny_model_dir).convert_tokens_to_ids(".")
+    with plain_and_guided(tiny_model_dir, "loop_guard", 3) as client:
+        def answer(model: str, **extra) -> tuple[str, int, str]:
+            reply = client.chat.completions.create(model=model, messages=HELLO, max_tokens=48, temperature=0,
+                                                   logit_bias={str(stop): 100}, extra_body=extra)
+            return reply.choices[0].message.content, reply.usage.completion_tokens, reply.choices[0].finish_reason
+
+        assert answer("guided:bf16") == ("." * 32, 33, "stop")
+        assert answer("plain:bf16") == answer("guided:bf16", ignore_eos=True) == ("." * 48, 48, "length")
+
+
 def test_stop_string_cuts_the_output(client) -> None:
     args = dict(model=CHAT, prompt="Hello", max_tokens=16, temperature=0, extra_body={"ignore_eos": True})
     full = client.completions.create(**args).choices[0].text
