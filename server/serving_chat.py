@@ -88,6 +88,7 @@ class CompletionService:
             seed=request.seed,
             stop=request.stop or [],
             ignore_eos=request.ignore_eos,
+            loop_guard=request.loop_guard,
             min_tokens=request.min_tokens,
             presence_penalty=request.presence_penalty,
             frequency_penalty=request.frequency_penalty,

@@ -269,7 +269,8 @@ def test_verbosity_guidance_pushes_the_end_token_at_sentence_ends(tiny_model_dir
 def test_loop_guard_ends_an_answer_at_its_loop(tiny_model_dir: Path) -> None:
     """With "." forced by 100 logits the answer is a one-token loop: the guard ends it at the 32nd "." (the
     shortest run it counts), for any number of copies the server asks; a variant's loop_guard=0, or a request's
-    ignore_eos, lets it run on to max_tokens."""
+    ignore_eos or loop_guard=0, lets it run on to max_tokens; a request's loop_guard=3 guards an unguarded variant,
+    and one copy is no loop: a 400 naming the field."""
     from transformers import AutoTokenizer
 
     stop = AutoTokenizer.from_pretrained(tiny_model_dir).convert_tokens_to_ids(".")
@@ -281,6 +282,11 @@ def test_loop_guard_ends_an_answer_at_its_loop(tiny_model_dir: Path) -> None:
 
         assert answer("guided:bf16") == ("." * 32, 33, "stop")
         assert answer("plain:bf16") == answer("guided:bf16", ignore_eos=True) == ("." * 48, 48, "length")
+        assert answer("guided:bf16", loop_guard=0) == ("." * 48, 48, "length")
+        assert answer("plain:bf16", loop_guard=3) == ("." * 32, 33, "stop")
+        with pytest.raises(openai.BadRequestError) as err:
+            answer("guided:bf16", loop_guard=1)
+        assert err.value.body["param"] == "loop_guard"
 
 
 def test_stop_string_cuts_the_output(client) -> None:
