@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from steerserve.attributes import ATTRIBUTE_NAMES, InvalidAttribute, validate_attributes
+from steerserve.loop_guard import LoopCopies
 
 
 def _check_attributes(value: dict[str, Any] | None) -> dict[str, int] | None:
@@ -100,16 +101,9 @@ class _SamplingFields(_SteeredRequest):
     ignore_eos: bool = False
     min_tokens: int = Field(default=0, ge=0)
     """vLLM's: tokens generated before the end-of-sequence token may come (at most max_tokens)."""
-    loop_guard: int | None = Field(default=None, ge=0, le=64)
+    loop_guard: LoopCopies | None = None
     """Copies in a row of a stretch of tokens that end this answer, over the model's own (its card's
     ``loop_guard``); 0: let loops run to max_tokens."""
-
-    @field_validator("loop_guard")
-    @classmethod
-    def _check_loop_guard(cls, value: int | None) -> int | None:
-        if value == 1:
-            raise ValueError("loop_guard must be 0 (off) or at least 2 copies in a row")
-        return value
 
     @field_validator("logit_bias")
     @classmethod

@@ -14,7 +14,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from steerserve.default_model import CACHE_DIR
-from steerserve.loop_guard import DEFAULT_LOOP_REPEATS
+from steerserve.loop_guard import DEFAULT_LOOP_REPEATS, LoopCopies
 from steerserve.reading_level import DEFAULT_STRENGTH
 from steerserve.verbosity_guidance import DEFAULT_VERBOSITY_STRENGTH
 
@@ -45,13 +45,8 @@ class VariantSpec(BaseSettings):
     """This variant's complexity-slider strength (the server's ``reading_level_guidance`` when unset)."""
     verbosity_guidance: float | None = Field(None, ge=0.0, le=10.0)
     """This variant's verbosity-slider strength (the server's ``verbosity_guidance`` when unset)."""
-    loop_guard: int | None = Field(None, ge=0, le=64)
+    loop_guard: LoopCopies | None = None
     """This variant's loop guard (the server's ``loop_guard`` when unset)."""
-
-    @field_validator("loop_guard")
-    @classmethod
-    def _copies(cls, value: int | None) -> int | None:
-        return _loop_copies(value)
 
     @classmethod
     def parse(cls, text: str) -> VariantSpec:
@@ -111,7 +106,7 @@ class ServerSettings(BaseSettings):
     verbosity_guidance: float = Field(DEFAULT_VERBOSITY_STRENGTH, ge=0.0, le=10.0)
     """Logits the verbosity slider pushes the end-of-turn token up by at level 0, falling linearly to none at
     level 4 (steerserve.verbosity_guidance); 0 leaves verbosity to the prompt alone."""
-    loop_guard: int = Field(DEFAULT_LOOP_REPEATS, ge=0, le=64)
+    loop_guard: LoopCopies = DEFAULT_LOOP_REPEATS
     """An answer ends once its tail repeats the same stretch of tokens (up to 64) this many times in a row
     (steerserve.loop_guard); 0 lets loops run to max_tokens."""
     default_max_tokens: int = 512
@@ -125,11 +120,6 @@ class ServerSettings(BaseSettings):
     cache_dir: Path = CACHE_DIR
     """Where the default model's converted checkpoint (and its ``default:<precision>`` builds) live."""
     log_level: str = "info"
-
-    @field_validator("loop_guard")
-    @classmethod
-    def _copies(cls, value: int) -> int:
-        return _loop_copies(value)
 
     @field_validator("engine")
     @classmethod
@@ -148,10 +138,3 @@ class ServerSettings(BaseSettings):
             raise ValueError(f"{path}: expected a mapping at the top level")
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**data)
-
-
-def _loop_copies(value: int | None) -> int | None:
-    """``loop_guard`` is off (0) or a number of copies: one copy is no loop."""
-    if value == 1:
-        raise ValueError("loop_guard must be 0 (off) or at least 2 copies in a row")
-    return value

@@ -21,6 +21,9 @@ answers are untouched until they loop.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Annotated
+
+from pydantic import AfterValidator, Field
 
 MAX_PERIOD = 64
 """Longest repeated stretch watched for, in tokens (a looping sentence of about 45 words)."""
@@ -28,6 +31,17 @@ MIN_LOOP_TOKENS = 32
 """Shortest repeated run (every copy together) that counts as a loop."""
 DEFAULT_LOOP_REPEATS = 4
 """Copies in a row that end an answer, the server's default (0 turns the guard off)."""
+
+
+def _checked_copies(value: int) -> int:
+    if value == 1:
+        raise ValueError("loop_guard must be 0 (off) or at least 2 copies in a row")
+    return value
+
+
+LoopCopies = Annotated[int, Field(ge=0, le=64), AfterValidator(_checked_copies)]
+"""A ``loop_guard`` setting or request field: 0 (off) or 2 to 64 copies; one copy is no loop (the settings and
+the request models report it under the field's name)."""
 
 
 class LoopWatch:
