@@ -117,6 +117,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--repetition-penalty", type=float, default=1.0,
                         help="above 1 discourages repeating prompt and reply tokens (small models loop without it)")
+    parser.add_argument("--loop-guard", type=int, metavar="COPIES",
+                        help="end a reply at this many verbatim copies in a row of a repeated stretch (default: "
+                             "the model's, see its card; 0: off)")
     parser.add_argument("--api-key", help="bearer key, if the server wants one")
     return parser
 
@@ -136,6 +139,8 @@ def main(argv: list[str]) -> int:
         sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature}
         if args.repetition_penalty != 1.0:
             sampling["repetition_penalty"] = args.repetition_penalty
+        if args.loop_guard is not None:
+            sampling["loop_guard"] = args.loop_guard
         session = ChatSession(client, model, attributes, sampling, args.system, sys.stdout)
         if interactive:
             session.say(f"chatting with {model}; {HELP}")

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from steerserve.clients.mcq_cli import main as mcq_main
 
 CHAT = "tiny:bf16"
@@ -48,12 +50,13 @@ def test_mcq_file_accuracy(tiny_server, tmp_path: Path, capsys) -> None:
     assert "accuracy" in capsys.readouterr().out
 
 
-def test_chat_sends_the_repetition_penalty(tiny_server) -> None:
-    """The flag reaches the server: one out of its range comes back as the server's error naming the field."""
+@pytest.mark.parametrize(("flag", "value"), [("repetition-penalty", "20"), ("loop-guard", "1")])
+def test_chat_sends_the_repetition_penalty_and_loop_guard(tiny_server, flag: str, value: str) -> None:
+    """The flags reach the server: one out of its range comes back as the server's error naming the field."""
     done = subprocess.run(
         [sys.executable, "-m", "steerserve.cli", "chat", "--url", tiny_server.url, "--model", CHAT,
-         "--max-tokens", "4", "--repetition-penalty", "20"],
+         "--max-tokens", "4", f"--{flag}", value],
         input="Hello there\n/quit\n", capture_output=True, text=True, timeout=120,
     )
     assert done.returncode == 0, done.stderr
-    assert "error:" in done.stdout and "repetition_penalty" in done.stdout, done.stdout
+    assert "error:" in done.stdout and flag.replace("-", "_") in done.stdout, done.stdout
