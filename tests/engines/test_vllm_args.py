@@ -17,6 +17,7 @@ import pytest
 from steerserve.precision import NEEDS_CPU_AVX512, NEEDS_CUDA, SERVING_ENGINES, Precision
 from steerserve.server.engines.base import EngineConfig, EngineError
 from steerserve.server.engines.vllm_args import (
+    LOOP_GUARD_PROCESSOR,
     LORA_RANKS,
     READING_LEVEL_PROCESSOR,
     VERBOSITY_PROCESSOR,
@@ -119,16 +120,17 @@ def test_bitsandbytes_precisions_compute_in_float32_where_bf16_is_emulated() -> 
     assert compute_dtype_name(Precision.GPTQ_W4, on_cpu=True, native_bf16=False) == "bfloat16"
 
 
-def test_the_reading_level_processor_runs_only_where_guidance_is_on_the_verbosity_one_always() -> None:
-    """The verbosity processor idles unless a request asks for a push, and an adapter on the engine may push
-    where its base does not, so every engine has it."""
-    assert engine_kwargs(config(), CPU)["logits_processors"] == [VERBOSITY_PROCESSOR]
+def test_the_reading_level_processor_runs_only_where_guidance_is_on_the_others_always() -> None:
+    """The verbosity and loop-guard processors idle unless a request asks for them, and an adapter on the engine
+    may ask where its base does not, so every engine has both."""
+    always = [VERBOSITY_PROCESSOR, LOOP_GUARD_PROCESSOR]
+    assert engine_kwargs(config(), CPU)["logits_processors"] == always
     assert engine_kwargs(config(reading_level_guidance=2.0), CPU)["logits_processors"] == [
-        READING_LEVEL_PROCESSOR, VERBOSITY_PROCESSOR]
+        READING_LEVEL_PROCESSOR, *always]
     pytest.importorskip("vllm")
     from vllm.v1.sample.logits_processor import LogitsProcessor
 
-    for processor in (READING_LEVEL_PROCESSOR, VERBOSITY_PROCESSOR):
+    for processor in (READING_LEVEL_PROCESSOR, *always):
         module, name = processor.split(":")
         assert issubclass(getattr(importlib.import_module(module), name), LogitsProcessor)  # vLLM's loader finds it
 
