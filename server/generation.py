@@ -122,7 +122,7 @@ class Generator:
             logit_bias=logit_bias,
             guidance=guidance,
             end_push=end_push,
-            loop_repeats=0 if ignore_eos else variant.loop_guard if loop_guard is None else loop_guard,
+            loop_repeats=variant.loop_guard if loop_guard is None else loop_guard,
         )
         return Prepared(variant, prompt, ids, options, random_id("req"))
 

@@ -153,7 +153,7 @@ class SamplingOptions:
     """The verbosity slider's push on the end-of-turn token at sentence ends (None at level 4 or when off)."""
     loop_repeats: int = 0
     """The loop guard (:mod:`steerserve.loop_guard`): the answer ends once its tail repeats a stretch of tokens
-    this many times in a row; 0: off."""
+    this many times in a row; 0: off. Every engine leaves an ``ignore_eos`` request alone."""
 
     @functools.cached_property
     def total_logit_bias(self) -> LogitBias | None:

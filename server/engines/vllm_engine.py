@@ -337,7 +337,7 @@ def _extra_args(reading_level: tuple[int, float] | None, options: SamplingOption
         args[READING_LEVEL_ARG] = list(reading_level)
     if options.end_push is not None:
         args[VERBOSITY_ARG] = [options.end_push.verbosity, options.end_push.strength]
-    if options.loop_repeats > 0 and not options.ignore_eos:
+    if options.loop_repeats > 0:  # the processor leaves an ignore_eos request alone
         args[LOOP_GUARD_ARG] = options.loop_repeats
     return args or None
 

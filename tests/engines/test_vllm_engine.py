@@ -27,7 +27,11 @@ from vllm import SamplingParams  # noqa: E402
 
 from steerserve.server.engines.vllm_args import detect_platform  # noqa: E402
 from steerserve.server.engines.vllm_engine import VLLMEngine, _sampling_params, checkpoint_weight_bytes  # noqa: E402
-from steerserve.server.engines.vllm_loop_guard import LOOP_GUARD_ARG, LoopGuardLogitsProcessor  # noqa: E402
+from steerserve.server.engines.vllm_loop_guard import (  # noqa: E402
+    LOOP_GUARD_ARG,
+    LoopGuardLogitsProcessor,
+    loop_repeats_of,
+)
 from steerserve.server.engines.vllm_reading_level import READING_LEVEL_ARG  # noqa: E402
 from steerserve.server.engines.vllm_verbosity import VERBOSITY_ARG  # noqa: E402
 
@@ -209,14 +213,16 @@ async def test_loop_guard_runs_inside_vllm(engine: VLLMEngine, prompt_ids: list[
     stop = AutoTokenizer.from_pretrained(tiny_model_dir).convert_tokens_to_ids(".")
     args = dict(max_tokens=40, temperature=0.0, logit_bias=LogitBias.of({stop: 100.0}))
     assert _sampling_params(SamplingOptions(**args, loop_repeats=4), n=1).extra_args == {LOOP_GUARD_ARG: 4}
-    assert not _sampling_params(SamplingOptions(**args, loop_repeats=4, ignore_eos=True), n=1).extra_args
+    ignoring = _sampling_params(SamplingOptions(**args, loop_repeats=4, ignore_eos=True), n=1)
+    assert ignoring.extra_args == {LOOP_GUARD_ARG: 4} and loop_repeats_of(ignoring) == 0
 
     async def answer(rid: str, **options) -> tuple[str, str | None]:
         deltas = await collect(engine, request(prompt_ids, rid, **args, **options))
         return text_of(deltas), deltas[-1].finish_reason
 
-    batch = await asyncio.gather(*(answer(f"lg{i}", **({"loop_repeats": 4} if i % 2 else {})) for i in range(4)))
-    assert batch == [("." * 40, "length"), ("." * MIN_LOOP_TOKENS, "stop")] * 2
+    asks = [{}, {"loop_repeats": 4}, {"loop_repeats": 4, "ignore_eos": True}] * 2
+    batch = await asyncio.gather(*(answer(f"lg{i}", **ask) for i, ask in enumerate(asks)))
+    assert batch == [("." * 40, "length"), ("." * MIN_LOOP_TOKENS, "stop"), ("." * 40, "length")] * 2
     params = SamplingParams(max_tokens=4, extra_args={LOOP_GUARD_ARG: 1})
     with pytest.raises(ValueError, match=">= 2"):
         LoopGuardLogitsProcessor.validate_params(params)
