@@ -51,6 +51,9 @@ class LoopWatch:
         if repeats < 2:
             raise ValueError(f"a loop needs at least 2 copies, got repeats={repeats}")
         self.repeats = repeats
+        self._start()
+
+    def _start(self) -> None:
         self.seen = 0
         self.matching = [0] * (MAX_PERIOD + 1)
         """``matching[p]``: trailing tokens that equal the token ``p`` places before them."""
@@ -59,7 +62,7 @@ class LoopWatch:
     def feed(self, output_ids: Sequence[int]) -> bool:
         """Take the tokens added since the last call; whether the answer's tail is now a loop (and stays one)."""
         if len(output_ids) < self.seen:  # a preempted request starts over
-            self.__init__(self.repeats)  # type: ignore[misc]
+            self._start()
         matching, repeats = self.matching, self.repeats
         for t in range(self.seen, len(output_ids)):
             token = output_ids[t]
