@@ -21,6 +21,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Literal
 
 from steerserve.staging import staged_directory
 from steerserve.training.quantize.methods import Rounding, predates_current_method
@@ -124,11 +125,14 @@ def checked_precision(label: str, precision: str, offered: tuple[str, ...] | Non
     return precision
 
 
-def is_current_build(path: Path) -> bool:
-    """Whether ``path`` holds a finished build (its manifest.json) made the way quantize makes its precision now;
-    one made before the method changed (``predates_current_method``) is neither served nor reused."""
+def build_state(path: Path) -> Literal["missing", "outdated", "current"]:
+    """What ``path`` holds: no finished build (no manifest.json), one made before its precision's method last
+    changed (``predates_current_method``: neither served nor reused, rebuilt), or one made the way quantize makes
+    it now."""
     manifest = path / "manifest.json"
-    return manifest.is_file() and not predates_current_method(json.loads(manifest.read_text()))
+    if not manifest.is_file():
+        return "missing"
+    return "outdated" if predates_current_method(json.loads(manifest.read_text())) else "current"
 
 
 def quantize_once(source: str, precision: str, output: Path, cache_dir: Path, *pinned: str) -> Path:
@@ -138,9 +142,10 @@ def quantize_once(source: str, precision: str, output: Path, cache_dir: Path, *p
     manifest's quality line, quick on 2 cores."""
     from steerserve.training.quantize.cli import build_parser, run
 
-    if is_current_build(output):
+    state = build_state(output)
+    if state == "current":
         return output
-    outdated = (output / "manifest.json").is_file()
+    outdated = state == "outdated"
     if outdated:
         logger.info("rebuilding %s: made before quantize's %s method last changed", output, precision)
     logger.info("quantizing %s to %s at %s (once)", source, precision, output)

@@ -190,21 +190,22 @@ def resolve_steered(text: str, cache_dir: Path) -> Path | None:
 
 def built_steered_specs(shipped: Path, cache: Path) -> list[VariantSpec]:
     """A variant for every ``steered:<precision>`` of the shipped adapter already built in ``cache``."""
-    from steerserve.default_model import is_current_build
+    from steerserve.default_model import build_state
     from steerserve.precision import Precision
     from steerserve.server.settings import VariantSpec
 
     if not (shipped / STEERED_RUN / "adapter_config.json").is_file():
         return []
     builds = {p: quantized_steered_path(cache, p.value, shipped) for p in Precision if p != Precision.BF16}
-    if not (builds[Precision.NF4] / "manifest.json").is_file():
+    states = {precision: build_state(build) for precision, build in builds.items()}
+    if states[Precision.NF4] == "missing":
         logger.warning("%s:nf4 not served: not built yet (once, ~4.5 min on 2 cores): steerserve serve --model "
                        "%s:nf4", STEERED_ID, STEERED_ID)
     served = []
     for precision, build in builds.items():
-        if is_current_build(build):
+        if states[precision] == "current":
             served.append(VariantSpec(path=str(build)))
-        elif (build / "manifest.json").is_file():
+        elif states[precision] == "outdated":
             logger.warning("%s:%s not served: built before quantize's %s method changed; steerserve serve --model "
                            "%s:%s rebuilds it", STEERED_ID, precision.value, precision.value, STEERED_ID,
                            precision.value)
@@ -222,7 +223,7 @@ def default_model_specs(shipped: Path = SHIPPED_DIR, cache_dir: Path | None = No
     ``steerserve serve`` should not wait for. The log says how.
     """
     from steerserve.default_model import (
-        CACHE_DIR, DEFAULT_MODEL, DEFAULT_MODEL_NAME, default_precision, is_current_build, quantized_default_path,
+        CACHE_DIR, DEFAULT_MODEL, DEFAULT_MODEL_NAME, build_state, default_precision, quantized_default_path,
     )
     from steerserve.server.settings import VariantSpec
 
@@ -232,9 +233,10 @@ def default_model_specs(shipped: Path = SHIPPED_DIR, cache_dir: Path | None = No
         spec = base_spec(adapter)
         built = default_precision(spec.path)  # bf16 unless the base is a default:<precision> build
         base_id = f"{DEFAULT_MODEL_NAME}:{spec.precision or built}"
-        if built != "bf16" and not is_current_build(base := quantized_default_path(cache, built)):
-            why = "was built before quantize's method changed" if (base / "manifest.json").is_file() else \
-                "is not built yet (once, ~2.5 min on 2 cores)"
+        state = "current" if built == "bf16" else build_state(quantized_default_path(cache, built))
+        if state != "current":
+            why = {"outdated": "was built before quantize's method changed",
+                   "missing": "is not built yet (once, ~2.5 min on 2 cores)"}[state]
             logger.warning("%s not served: its base %s %s: steerserve serve --model %s --model %s,base=%s",
                            adapter, spec.path, why, spec.path, adapter, base_id)
             continue
@@ -249,9 +251,9 @@ if __name__ == "__main__":
         print(" ".join(STEERED_PINNED.get(sys.argv[2], ())))
         sys.exit(0)
     if len(sys.argv) == 3 and sys.argv[1] == "current":  # for make: keep a build only if quantize makes it so now
-        from steerserve.default_model import is_current_build
+        from steerserve.default_model import build_state
 
-        sys.exit(0 if is_current_build(Path(sys.argv[2])) else 1)
+        sys.exit(0 if build_state(Path(sys.argv[2])) == "current" else 1)
     if len(sys.argv) != 4 or sys.argv[1] != "package":
         sys.exit("usage: python -m steerserve.steered_default package RUNS_DIR SHIPPED_DIR | pinned PRECISION | "
                  "current BUILD_DIR")
