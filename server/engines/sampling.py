@@ -45,13 +45,13 @@ def adjust_logits(logits: torch.Tensor, prompt_ids: Seq[int], output_ids: Seq[in
     """One row of float32 ``logits`` biased (the verbosity slider's end push with the bias), then penalised, in
     place (vLLM's order); the end-of-sequence tokens masked while the output is shorter than ``min_tokens`` (as
     vLLM's min-tokens processor does), and made the only choice once ``loop_watch`` sees the answer loop."""
-    ends = [i for i in eos_ids if i < logits.shape[-1]]
     if len(output_ids) < options.min_tokens and not options.ignore_eos:
-        logits[ends] = float("-inf")
-    elif loop_watch is not None and ends and not options.ignore_eos and loop_watch.feed(output_ids):
-        logits.fill_(float("-inf"))
-        logits[ends] = 0.0
-        return
+        logits[[i for i in eos_ids if i < logits.shape[-1]]] = float("-inf")
+    elif loop_watch is not None and not options.ignore_eos and loop_watch.feed(output_ids):
+        if ends := [i for i in eos_ids if i < logits.shape[-1]]:
+            logits.fill_(float("-inf"))
+            logits[ends] = 0.0
+            return
     bias = options.total_logit_bias
     if bias is not None and bias.ids:
         ids, values = bias.tensors
