@@ -100,8 +100,10 @@ def _rescore(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[
     for path in args.rescore:
         if not path.is_file():
             parser.error(f"--rescore: no such file {path}")
+    if args.apm is not None and not (Path(args.apm) / "config.json").is_file():
+        parser.error(f"--apm: {args.apm} is not a model directory (no config.json)")
     try:
-        return {"steerability": rescore(args.rescore, args.output, parser.parse_args(["steerability"]))}
+        return {"steerability": rescore(args.rescore, args.output, parser.parse_args(["steerability"]), args.apm)}
     except (ValueError, KeyError, json.JSONDecodeError, OSError) as error:
         parser.error(f"--rescore: {' '.join(map(str, args.rescore))}: {error}")
 

@@ -8,7 +8,8 @@ says what the grade counts) its tables need no server and no decoding again: cha
 grade are recomputed for each answer, the summaries and target checks rebuilt, and the three outputs written
 as the run would have written them, with the run's own settings. What the answers were asked with (decoding,
 guidance, prompts) is the stored run's; the APM's default-slider scores, which do not depend on the measures,
-are kept as they were.
+are kept as they were, or with ``--apm DIR`` scored again for every variant by that one APM (runs scored by
+different APMs, or by none, made comparable; the answers at default sliders are in every result).
 
 Several results are joined into one table (precisions swept on different servers, a reference from another run):
 every variant is cut to the prompts all of them answered, by prompt text, so a 40-prompt sweep sits beside the same
@@ -94,21 +95,25 @@ def stored_arguments(payload: dict[str, Any], defaults: argparse.Namespace) -> a
     return args
 
 
-def rescore(paths: list[Path], output: Path, defaults: argparse.Namespace) -> dict[str, Path]:
-    """Write ``OUTPUT/steerability.{json,md,png}`` from the results at ``paths`` (joined when several); returns
-    their paths."""
+def rescore(paths: list[Path], output: Path, defaults: argparse.Namespace, apm: str | None = None) -> dict[str, Path]:
+    """Write ``OUTPUT/steerability.{json,md,png}`` from the results at ``paths`` (joined when several), each
+    variant's default-slider answers scored by the APM at ``apm`` when given; returns their paths."""
     from steerserve.benchmarks.report import write_outputs
 
     payload = join([(path, load_result(path)) for path in paths])
     args = stored_arguments(payload, defaults)
     results = {label: steerability.remeasure(r) for label, r in payload["variants"].items()}
+    if apm is not None:
+        for r in results.values():
+            r["default_slider_apm"] = steerability.default_slider_quality(apm, r["prompts"], r["answers"])
     rebuilt, markdown, fig = steerability.finish(results, {}, args)
     for key in ("config", "environment", "seconds"):
         if key in payload:
             rebuilt[key] = payload[key]
     rebuilt["rescored"] = {"from": [str(path) for path in paths], "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
                            "fkgl": FK_MEASURE,
-                           "previous_fkgl": payload.get("measures", {}).get("fkgl", "textstat on the raw text")}
+                           "previous_fkgl": payload.get("measures", {}).get("fkgl", "textstat on the raw text"),
+                           **({"apm": apm} if apm is not None else {})}
     note = (f"\n\nRe-measured {time.strftime('%Y-%m-%d')} from the stored answers ({FK_MEASURE}); "
             f"the answers themselves are those of the original run.\n")
     return write_outputs(output, steerability.NAME, rebuilt, f"## {steerability.NAME}\n\n{markdown}{note}", fig)

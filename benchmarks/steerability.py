@@ -18,6 +18,8 @@ model's training lines carried most.
 ``--apm DIR`` (an attribute prediction model from ``steerserve train apm``) also
 scores the answers given at default sliders, so a steered model can be checked
 for collapse: its mean predicted helpfulness should stay near the base model's.
+With ``--rescore`` it scores stored answers, so variants swept on different
+servers, or before an APM existed, are compared by one APM without decoding again.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import hashlib
 from collections.abc import Sequence
 from typing import Any
@@ -62,7 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--request-timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                        help="how long one answer may take (default %(default)g). A slow variant decoding --parallel "
                             "long answers at once can need more; changing it keeps the answers logged so far")
-    group.add_argument("--apm", help="APM directory: also report mean predicted attributes at default sliders")
+    group.add_argument("--apm", help="APM directory: also report mean predicted attributes at default sliders "
+                                     "(with --rescore, of the stored answers: every variant scored by this APM)")
     group.add_argument("--sliders", type=swept_sliders, default=list(SWEEPS), metavar="NAME,...",
                        help="sweep only these sliders (default: verbosity,complexity); e.g. complexity alone to "
                             "check reading-level guidance, which leaves the verbosity sweep as it was")
@@ -239,13 +243,21 @@ def _unfinished(rows: list[dict[str, Any]]) -> float:
     return sum(ends_unfinished(a["text"]) for a in ended) / len(ended) if ended else 0.0
 
 
+@functools.lru_cache(maxsize=1)
+def _loaded_apm(apm_dir: str) -> tuple[Any, Any, list[str]]:
+    """The APM once per run, though a rescored table scores several variants with it."""
+    from steerserve.training.apm import load_apm
+
+    return load_apm(apm_dir)
+
+
 def default_slider_quality(apm_dir: str, prompts: list[str], answers: list[dict[str, Any]]) -> dict[str, float]:
     """Mean APM prediction per attribute over the answers at default sliders (the no-collapse check; with
     ``--hold``, at the held levels)."""
     from steerserve.attributes import ATTRIBUTE_DEFAULTS
-    from steerserve.training.apm import load_apm, predict
+    from steerserve.training.apm import predict
 
-    model, tokenizer, names = load_apm(apm_dir)
+    model, tokenizer, names = _loaded_apm(apm_dir)
     at_default = {a["prompt"]: a for a in reversed(answers) if a["level"] == ATTRIBUTE_DEFAULTS[a["slider"]]}
     chosen = [at_default[prompt] for prompt in sorted(at_default)]  # each prompt once, whichever sweep ran
     rows = [{"prompt": prompts[a["prompt"]], "response": a["text"]} for a in chosen]

@@ -190,10 +190,14 @@ def test_a_finished_result_is_measured_again_from_its_answers(bench_server, tmp_
     _refused(["steerability", "--rescore", str(tmp_path / "missing.json")], tmp_path / "bad")
 
 
-def test_results_are_joined_on_the_prompts_all_of_them_answered(bench_server, tmp_path: Path, data_files) -> None:
+def test_results_are_joined_on_the_prompts_all_of_them_answered(bench_server, tmp_path: Path, data_files,
+                                                               tiny_model_dir: Path) -> None:
     """--rescore A B writes one table: every variant cut to the prompts all answered (a longer reference beside a
     shorter sweep), a shared label told apart by its source, each slider's table holding the variants that swept
-    it; results answered under another cap are refused."""
+    it; --apm scores every variant's default-slider answers with one APM; results answered under another cap are
+    refused."""
+    from steerserve.training.apm import load_apm
+
     prompts, _ = data_files
     sweep = ["steerability", "--quick", "--url", bench_server.url, "--prompts", str(prompts), "--answer-tokens", "8"]
     assert main([*sweep, "--num-prompts", "2", "--sliders", "verbosity", "--output", str(tmp_path / "two")]) == 0
@@ -211,6 +215,20 @@ def test_results_are_joined_on_the_prompts_all_of_them_answered(bench_server, tm
     assert len(longer["answers"]) == 2 * len(kept["answers"]) == 10 and set(kept["summary"]) == {"verbosity"}
     verbosity_table, complexity_table = (tmp_path / "joined" / "steerability.md").read_text().split("**complexity**")
     assert f"| {label} [one] |" not in verbosity_table and f"| {label} [one] |" in complexity_table
+
+    apm, tokenizer, _ = load_apm(str(tiny_model_dir), ["helpfulness", "verbosity"])  # untrained head: wiring only
+    apm.save_pretrained(tmp_path / "apm")
+    tokenizer.save_pretrained(tmp_path / "apm")
+    assert "default_slider_apm" not in longer  # swept without an APM: scored afterwards, both by the same one
+    assert main(["steerability", "--rescore", str(two), str(one), "--apm", str(tmp_path / "apm"),
+                 "--output", str(tmp_path / "scored")]) == 0
+    scored = _outputs(tmp_path / "scored", "steerability")
+    own = [scored["variants"][name]["default_slider_apm"] for name in (label, f"{label} [one]")]
+    assert all(set(values) == {"helpfulness", "verbosity"} for values in own)
+    assert all(math.isfinite(value) for values in own for value in values.values())
+    assert scored["rescored"]["apm"] == str(tmp_path / "apm")
+    assert "no-collapse" in (tmp_path / "scored" / "steerability.md").read_text()
+    _refused(["steerability", "--rescore", str(two), "--apm", str(tmp_path / "two")], tmp_path / "bad")
 
     capped = json.loads(one.read_text())
     capped["variants"][label]["max_tokens"] = 4
