@@ -23,6 +23,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from steerserve.benchmarks.no_collapse import apm_problem
+
 logger = logging.getLogger(__name__)
 BENCHMARKS = ("latency_memory", "steerability", "mcq")
 
@@ -100,8 +102,6 @@ def _rescore(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[
     for path in args.rescore:
         if not path.is_file():
             parser.error(f"--rescore: no such file {path}")
-    if args.apm is not None and not (Path(args.apm) / "config.json").is_file():
-        parser.error(f"--apm: {args.apm} is not a model directory (no config.json)")
     try:
         return {"steerability": rescore(args.rescore, args.output, parser.parse_args(["steerability"]), args.apm)}
     except (ValueError, KeyError, json.JSONDecodeError, OSError) as error:
@@ -112,6 +112,8 @@ def main(argv: list[str]) -> int:
     modules = _modules()
     parser = _parser(modules)
     args = parser.parse_args(argv)
+    if getattr(args, "apm", None) is not None and (problem := apm_problem(args.apm)):
+        parser.error(f"--apm: {problem}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per /metrics scrape otherwise
     if args.rescore is not None:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from steerserve.benchmarks import steerability
+from steerserve.benchmarks.no_collapse import default_slider_quality
 from steerserve.measures import FK_MEASURE
 
 
@@ -105,7 +106,7 @@ def rescore(paths: list[Path], output: Path, defaults: argparse.Namespace, apm: 
     results = {label: steerability.remeasure(r) for label, r in payload["variants"].items()}
     if apm is not None:
         for r in results.values():
-            r["default_slider_apm"] = steerability.default_slider_quality(apm, r["prompts"], r["answers"])
+            r["default_slider_apm"] = default_slider_quality(apm, r["prompts"], r["answers"])
     rebuilt, markdown, fig = steerability.finish(results, {}, args)
     for key in ("config", "environment", "seconds"):
         if key in payload:

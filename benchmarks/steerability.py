@@ -17,9 +17,8 @@ model's training lines carried most.
 
 ``--apm DIR`` (an attribute prediction model from ``steerserve train apm``) also
 scores the answers given at default sliders, so a steered model can be checked
-for collapse: its mean predicted helpfulness should stay near the base model's.
-With ``--rescore`` it scores stored answers, so variants swept on different
-servers, or before an APM existed, are compared by one APM without decoding again.
+for collapse: its mean predicted helpfulness should stay near the base model's
+(``benchmarks.no_collapse``; with ``--rescore``, the stored answers).
 """
 
 from __future__ import annotations
@@ -27,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import functools
 import hashlib
 from collections.abc import Sequence
 from typing import Any
@@ -243,28 +241,6 @@ def _unfinished(rows: list[dict[str, Any]]) -> float:
     return sum(ends_unfinished(a["text"]) for a in ended) / len(ended) if ended else 0.0
 
 
-@functools.lru_cache(maxsize=1)
-def _loaded_apm(apm_dir: str) -> tuple[Any, Any, list[str]]:
-    """The APM once per run, though a rescored table scores several variants with it."""
-    from steerserve.training.apm import load_apm
-
-    return load_apm(apm_dir)
-
-
-def default_slider_quality(apm_dir: str, prompts: list[str], answers: list[dict[str, Any]]) -> dict[str, float]:
-    """Mean APM prediction per attribute over the answers at default sliders (the no-collapse check; with
-    ``--hold``, at the held levels)."""
-    from steerserve.attributes import ATTRIBUTE_DEFAULTS
-    from steerserve.training.apm import predict
-
-    model, tokenizer, names = _loaded_apm(apm_dir)
-    at_default = {a["prompt"]: a for a in reversed(answers) if a["level"] == ATTRIBUTE_DEFAULTS[a["slider"]]}
-    chosen = [at_default[prompt] for prompt in sorted(at_default)]  # each prompt once, whichever sweep ran
-    rows = [{"prompt": prompts[a["prompt"]], "response": a["text"]} for a in chosen]
-    predicted = predict(model, tokenizer, rows, 8, 512, names, progress=False)
-    return {name: mean([p[j] for p in predicted]) for j, name in enumerate(names)}
-
-
 def sizes(args: argparse.Namespace) -> tuple[int, int]:
     return (args.num_prompts or (2 if args.quick else 8), args.answer_tokens or (24 if args.quick else 384))
 
@@ -283,6 +259,8 @@ def measure(target: BenchTarget, args: argparse.Namespace, answer_log: AnswerLog
               "decoding": params, "reading_level_guidance": target.reading_level_guidance,
               "verbosity_guidance": target.verbosity_guidance, "loop_guard": target.loop_guard}
     if args.apm:
+        from steerserve.benchmarks.no_collapse import default_slider_quality
+
         result["default_slider_apm"] = default_slider_quality(args.apm, prompts, answers)
     return result
 

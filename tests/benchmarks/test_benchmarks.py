@@ -229,6 +229,7 @@ def test_results_are_joined_on_the_prompts_all_of_them_answered(bench_server, tm
     assert scored["rescored"]["apm"] == str(tmp_path / "apm")
     assert "no-collapse" in (tmp_path / "scored" / "steerability.md").read_text()
     _refused(["steerability", "--rescore", str(two), "--apm", str(tmp_path / "two")], tmp_path / "bad")
+    _refused([*sweep, "--apm", str(tmp_path / "two")], tmp_path / "bad")  # refused before a sweep, not after it
 
     capped = json.loads(one.read_text())
     capped["variants"][label]["max_tokens"] = 4

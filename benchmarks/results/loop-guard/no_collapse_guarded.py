@@ -1,7 +1,7 @@
 """No collapse under the loop guard: APM means at default sliders, the steered default (its answers from the
 session-45 headline sweep, served with every default on) against the base model served the same way now.
 
-    python benchmarks/results/loop-guard/no_collapse.py URL APM_DIR OUT.json   (the base served as below)
+    python benchmarks/results/loop-guard/no_collapse_guarded.py URL APM_DIR OUT.json   (the base served as below)
 """
 
 import asyncio
@@ -9,7 +9,8 @@ import gzip
 import json
 import sys
 
-from steerserve.benchmarks.steerability import default_slider_quality, measured
+from steerserve.benchmarks.no_collapse import default_slider_quality
+from steerserve.benchmarks.steerability import measured
 from steerserve.attributes import ATTRIBUTE_DEFAULTS
 from steerserve.clients.client import AsyncSteerClient
 
