@@ -112,7 +112,7 @@ def main(argv: list[str]) -> int:
     modules = _modules()
     parser = _parser(modules)
     args = parser.parse_args(argv)
-    if getattr(args, "apm", None) is not None and (problem := apm_problem(args.apm)):
+    if args.apm is not None and (problem := apm_problem(args.apm)):  # every benchmark's options are on one parser
         parser.error(f"--apm: {problem}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per /metrics scrape otherwise

@@ -33,6 +33,7 @@ from typing import Any
 from tqdm import tqdm
 
 from steerserve.measures import FK_MEASURE, LOOP_WORDS, chars, ends_unfinished, fk_grade, loops, mean, median, spearman
+from steerserve.benchmarks.no_collapse import default_slider_quality
 from steerserve.benchmarks.partial import AnswerLog
 from steerserve.benchmarks.report import figure, markdown_table
 from steerserve.benchmarks.servers import BenchTarget
@@ -259,8 +260,6 @@ def measure(target: BenchTarget, args: argparse.Namespace, answer_log: AnswerLog
               "decoding": params, "reading_level_guidance": target.reading_level_guidance,
               "verbosity_guidance": target.verbosity_guidance, "loop_guard": target.loop_guard}
     if args.apm:
-        from steerserve.benchmarks.no_collapse import default_slider_quality
-
         result["default_slider_apm"] = default_slider_quality(args.apm, prompts, answers)
     return result
 

@@ -82,13 +82,19 @@ def test_latency_memory_measures_the_server_against_the_same_vllm_engine_offline
     assert "of which, tiny:bf16 (vllm): single stream: vLLM's async path" in markdown
 
 
-def test_steerability_on_a_given_server(bench_server, tmp_path: Path, data_files, tiny_model_dir: Path) -> None:
-    from steerserve.attributes import ATTRIBUTE_DEFAULTS
+def _untrained_apm(model_dir: Path, out: Path) -> None:
+    """An APM head on the tiny model, untrained: enough to check the no-collapse scoring's wiring."""
     from steerserve.training.apm import load_apm
 
-    apm, tokenizer, _ = load_apm(str(tiny_model_dir), ["helpfulness", "verbosity"])  # untrained head: wiring only
-    apm.save_pretrained(tmp_path / "apm")
-    tokenizer.save_pretrained(tmp_path / "apm")
+    apm, tokenizer, _ = load_apm(str(model_dir), ["helpfulness", "verbosity"])
+    apm.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def test_steerability_on_a_given_server(bench_server, tmp_path: Path, data_files, tiny_model_dir: Path) -> None:
+    from steerserve.attributes import ATTRIBUTE_DEFAULTS
+
+    _untrained_apm(tiny_model_dir, tmp_path / "apm")
     prompts, _ = data_files
     assert main(["steerability", "--quick", "--url", bench_server.url, "--output", str(tmp_path),
                  "--prompts", str(prompts), "--num-prompts", "1", "--answer-tokens", "8",
@@ -196,8 +202,6 @@ def test_results_are_joined_on_the_prompts_all_of_them_answered(bench_server, tm
     shorter sweep), a shared label told apart by its source, each slider's table holding the variants that swept
     it; --apm scores every variant's default-slider answers with one APM; results answered under another cap are
     refused."""
-    from steerserve.training.apm import load_apm
-
     prompts, _ = data_files
     sweep = ["steerability", "--quick", "--url", bench_server.url, "--prompts", str(prompts), "--answer-tokens", "8"]
     assert main([*sweep, "--num-prompts", "2", "--sliders", "verbosity", "--output", str(tmp_path / "two")]) == 0
@@ -216,9 +220,7 @@ def test_results_are_joined_on_the_prompts_all_of_them_answered(bench_server, tm
     verbosity_table, complexity_table = (tmp_path / "joined" / "steerability.md").read_text().split("**complexity**")
     assert f"| {label} [one] |" not in verbosity_table and f"| {label} [one] |" in complexity_table
 
-    apm, tokenizer, _ = load_apm(str(tiny_model_dir), ["helpfulness", "verbosity"])  # untrained head: wiring only
-    apm.save_pretrained(tmp_path / "apm")
-    tokenizer.save_pretrained(tmp_path / "apm")
+    _untrained_apm(tiny_model_dir, tmp_path / "apm")
     assert "default_slider_apm" not in longer  # swept without an APM: scored afterwards, both by the same one
     assert main(["steerability", "--rescore", str(two), str(one), "--apm", str(tmp_path / "apm"),
                  "--output", str(tmp_path / "scored")]) == 0
