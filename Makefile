@@ -9,7 +9,7 @@ TRAIN = steerserve train
 RECIPES = training/recipes
 SHIPPED = models/steered-default
 
-.PHONY: steered-default package-steered-default steered-precisions clean-steered-default
+.PHONY: steered-default dpo package-steered-default steered-precisions clean-steered-default
 
 steered-default: $(RUNS)/acsft/manifest.json $(RUNS)/dpo-robust/manifest.json $(RUNS)/dpo-sigmoid/manifest.json \
                  $(RUNS)/mcq/manifest.json
@@ -39,13 +39,20 @@ $(RUNS)/acsft-nf4/manifest.json: $(RUNS)/annotate/manifest.json
 	    --set data=$(RUNS)/annotate/annotations.jsonl --set model=default:nf4 --set lora_base_precision=nf4
 
 # DPO: one epoch on every preference pair (686 steps), about 6.5 hours a run on 2 CPU cores and 4 min on one
-# H200 GPU, where the shipped dpo-robust and dpo-sigmoid adapters were trained.
+# H200 GPU, where the shipped dpo-robust and dpo-sigmoid adapters were trained. Both losses take DPO_SETTINGS, so
+# a recipe change is trained and shipped as a pair, e.g. whole replies with an NLL term (586 steps, 11-13 s a step
+# on 2 AMX cores; benchmarks/results/dpo-held-out/):
+#   make dpo RUNS=runs/dpo-whole-nll DPO_SETTINGS="--set whole_replies=true --set sft_weight=0.2"
+#   make package-steered-default RUNS=runs/dpo-whole-nll    # ships the two DPO adapters, skips the runs not there
+DPO_SETTINGS ?=
+dpo: $(RUNS)/dpo-robust/manifest.json $(RUNS)/dpo-sigmoid/manifest.json
+
 $(RUNS)/dpo-robust/manifest.json:
-	$(TRAIN) dpo --config $(RECIPES)/dpo-default.yaml --output $(RUNS)/dpo-robust
+	$(TRAIN) dpo --config $(RECIPES)/dpo-default.yaml --output $(RUNS)/dpo-robust $(DPO_SETTINGS)
 
 $(RUNS)/dpo-sigmoid/manifest.json:
 	$(TRAIN) dpo --config $(RECIPES)/dpo-default.yaml --output $(RUNS)/dpo-sigmoid \
-	    --set loss_type=sigmoid --set label_smoothing=0
+	    --set loss_type=sigmoid --set label_smoothing=0 $(DPO_SETTINGS)
 
 $(RUNS)/mcq/manifest.json:
 	$(TRAIN) sft --config $(RECIPES)/sft-mcq-default.yaml --output $(RUNS)/mcq
