@@ -97,8 +97,18 @@ def _terminate_with_parent() -> None:
 
 
 def _exit_on_sigterm() -> None:
-    """SIGTERM unwinds like ``sys.exit``, so vLLM's exit handlers stop its engine processes with this one."""
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    """SIGTERM unwinds like ``sys.exit``, so vLLM's exit handlers stop its engine processes with this one.
+
+    Only the first: a killed run signals this child twice (``pkill`` and the parent's death through
+    ``PR_SET_PDEATHSIG``), and a second ``sys.exit`` raised inside those handlers abandoned vLLM's shutdown half
+    way, leaving its engine processes running.
+    """
+
+    def exit_once(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, exit_once)
 
 
 def _run_vllm(spec: dict[str, Any]) -> None:

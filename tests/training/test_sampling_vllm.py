@@ -32,9 +32,10 @@ def _descendants(root: psutil.Process) -> list[psutil.Process]:
 
 
 def test_killing_the_training_process_stops_its_vllm_engine(tmp_path: Path, tiny_model_dir: Path) -> None:
-    out = tmp_path / "samples.part.jsonl"
-    run = subprocess.Popen([sys.executable, "-c", RUN, str(tiny_model_dir), str(out)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out, log = tmp_path / "samples.part.jsonl", tmp_path / "stderr.log"
+    with open(log, "w") as stderr:
+        run = subprocess.Popen([sys.executable, "-c", RUN, str(tiny_model_dir), str(out)],
+                               stdout=subprocess.DEVNULL, stderr=stderr)
     parent = psutil.Process(run.pid)
     spawned: list[psutil.Process] = []
     try:
@@ -45,12 +46,18 @@ def test_killing_the_training_process_stops_its_vllm_engine(tmp_path: Path, tiny
             time.sleep(1)
         spawned = _descendants(parent)  # the sampling child, vLLM's engine core and its worker
         assert len(spawned) >= 3, "no vLLM engine process under the sampling run"
-        # What `pkill -f` does to a run: SIGTERM to the training process and to its sampling child.
-        for proc in (parent, *parent.children()):
+        # What `pkill -f` does to a run: SIGTERM to the training process and to its sampling child, which the
+        # parent's death signals again (PR_SET_PDEATHSIG); here the second one comes while vLLM shuts down.
+        sampler = parent.children()[0]
+        for proc in (parent, sampler):
             proc.send_signal(signal.SIGTERM)
         run.wait()
+        time.sleep(1)
+        if sampler.is_running():
+            sampler.send_signal(signal.SIGTERM)
         gone, alive = psutil.wait_procs(spawned, timeout=90)
         assert not alive, f"vLLM processes outlived the killed run: {[p.pid for p in alive]}"
+        assert "Exception ignored" not in log.read_text(), "vLLM's shutdown was cut short"
         drawn = [json.loads(line) for line in out.read_text().splitlines() if line.endswith("}")]
         assert drawn and all(0 <= row["index"] < 400 for row in drawn)  # what was drawn stays for the resume
     finally:
