@@ -41,7 +41,7 @@ $(RUNS)/acsft-nf4/manifest.json: $(RUNS)/annotate/manifest.json
 # DPO: one epoch on every preference pair (686 steps), about 6.5 hours a run on 2 CPU cores and 4 min on one
 # H200 GPU, where the shipped dpo-robust and dpo-sigmoid adapters were trained. Both losses take DPO_SETTINGS, so
 # a recipe change is trained and shipped as a pair, e.g. whole replies with an NLL term (586 steps, 11-13 s a step
-# on 2 AMX cores; benchmarks/results/dpo-held-out/):
+# on 2 Intel cores with AMX, 15 s on 2 AMD cores without: 2-2.5 hours a run; benchmarks/results/dpo-held-out/):
 #   make dpo RUNS=runs/dpo-whole-nll DPO_SETTINGS="--set whole_replies=true --set sft_weight=0.2"
 #   make package-steered-default RUNS=runs/dpo-whole-nll    # ships the two DPO adapters, skips the runs not there
 DPO_SETTINGS ?=
