@@ -11,8 +11,7 @@ SHIPPED = models/steered-default
 
 .PHONY: steered-default dpo package-steered-default steered-precisions clean-steered-default
 
-steered-default: $(RUNS)/acsft/manifest.json $(RUNS)/dpo-robust/manifest.json $(RUNS)/dpo-sigmoid/manifest.json \
-                 $(RUNS)/mcq/manifest.json
+steered-default: $(RUNS)/acsft/manifest.json dpo $(RUNS)/mcq/manifest.json
 	$(MAKE) package-steered-default RUNS=$(RUNS)
 
 $(RUNS)/apm/manifest.json:

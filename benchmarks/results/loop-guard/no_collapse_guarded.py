@@ -1,7 +1,7 @@
 """No collapse under the loop guard: APM means at default sliders, the steered default (its answers from the
 session-45 headline sweep, served with every default on) against the base model served the same way now.
 
-    python benchmarks/results/loop-guard/no_collapse_guarded.py URL APM_DIR OUT.json   (the base served as below)
+    python benchmarks/results/loop-guard/no_collapse_guarded.py URL APM_DIR OUT.json   (the base served as README.md here says)
 """
 
 import asyncio
